@@ -1,0 +1,142 @@
+"""config.yaml, validated before anything starts.
+
+Every section is a pydantic model with `extra="forbid"`: an unknown key, a wrong type, a missing
+file or an impossible combination becomes one line naming the key (`load_config` raises
+`ConfigError`; trainer.py prints it and exits with code 2).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from gym.config import GymConfig
+
+
+class ConfigError(ValueError):
+    """One line naming the offending key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RunSection(_Section):
+    name: str = "run"
+    dir: str = "runs"                       # runs/<name>/ holds rollouts.db, checkpoints, gym logs
+    seed: int = 0
+
+
+class ModelSection(_Section):
+    name: str = "embedded:smollm2-135m-instruct"   # the embedded default, a local folder or a hub name
+    max_model_len: int = Field(default=1024, ge=64)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+
+
+class EngineSection(_Section):
+    max_num_seqs: int = Field(default=64, ge=1)
+    gpu_memory_utilization: float = Field(default=0.5, gt=0, le=1)
+    cpu_kv_cache_gib: int = Field(default=2, ge=1)
+
+
+class ServerSection(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    model_name: str = "policy"
+    api_key: str | None = None
+    dashboard_token: str | None = None       # required when host is not loopback
+    tool_parser: str | None = "hermes"
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self) -> "ServerSection":
+        if self.host not in ("127.0.0.1", "localhost", "::1") and not self.dashboard_token:
+            raise ValueError("dashboard_token: binding to a non-loopback host requires a token")
+        return self
+
+
+class GRPOSection(_Section):
+    steps: int = Field(default=40, ge=1)
+    rows_per_step: int = Field(default=8, ge=1)
+    group_size: int = Field(default=4, ge=2)
+    temperature: float = Field(default=1.0, gt=0)
+    max_tokens: int = Field(default=128, ge=1)
+    baseline: Literal["mean", "leave_one_out"] = "mean"
+    normalize_std: bool = True
+    drop_zero_variance_groups: bool = False   # dynamic sampling: skip groups with equal rewards
+    truncated: Literal["keep", "mask", "drop"] = "keep"   # rollouts that hit the context / max tokens
+    clip_low: float = Field(default=0.2, ge=0)
+    clip_high: float = Field(default=0.28, ge=0)
+    normalization: Literal["token", "sequence"] = "token"
+    kl_beta: float = Field(default=0.0, ge=0)
+    tis_cap: float | None = Field(default=None, gt=0)
+    lr: float = Field(default=1e-5, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    micro_batch_tokens: int = Field(default=2048, ge=16)
+    num_minibatches: int = Field(default=1, ge=1)
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(default=10, ge=1)
+    eval_every: int = Field(default=0, ge=0)    # 0: no periodic evaluation
+
+    @model_validator(mode="after")
+    def _combos(self) -> "GRPOSection":
+        if self.baseline == "leave_one_out" and self.group_size < 2:
+            raise ValueError("group_size: leave_one_out needs at least 2")
+        if (self.rows_per_step * self.group_size) % self.num_minibatches:
+            raise ValueError("num_minibatches: must divide rows_per_step * group_size")
+        return self
+
+
+class Config(_Section):
+    run: RunSection = Field(default_factory=RunSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    engine: EngineSection = Field(default_factory=EngineSection)
+    server: ServerSection = Field(default_factory=ServerSection)
+    grpo: GRPOSection = Field(default_factory=GRPOSection)
+    gym: GymConfig
+
+    @model_validator(mode="after")
+    def _fits(self) -> "Config":
+        if self.grpo.max_tokens >= self.model.max_model_len:
+            raise ValueError("grpo.max_tokens: must be smaller than model.max_model_len")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) / self.run.name
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
+    """Parse and validate config.yaml; raises ConfigError with one line naming the key."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p} is not valid YAML: {e}".replace("\n", " ")) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = value
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(x) for x in err["loc"]) or "config"
+        msg = str(err.get("ctx", {}).get("error", err["msg"]))
+        if err["type"] == "extra_forbidden":
+            raise ConfigError(f"config: unknown key {key}") from None
+        # a section's own validator names the key inside it: "grpo: group_size: ..."
+        where = f"{key}: " if err["loc"] else ""
+        raise ConfigError(f"config: {where}{msg}") from None
+    except ValueError as e:  # GymConfigError raised outside pydantic's wrapping
+        raise ConfigError(f"config: {e}") from None

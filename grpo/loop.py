@@ -1,0 +1,247 @@
+"""The GRPO step loop: rows -> rollouts through Gym -> advantages -> train -> weight sync -> log.
+
+Everything runs on the one event loop; training compute and store writes run in worker threads so
+the policy server and the dashboard keep answering while a step trains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import shutil
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from engine.engine import Engine
+from gym.rollouts import collect, env_metrics
+from gym.servers import GymServers
+from gym.types import Rollout
+from store.db import RunStore
+from store.records import RolloutRecord, StepRecord
+
+from .advantages import group_advantages, zero_variance_groups
+from .config import Config
+from .policy import PolicyTrainer, TrainSample
+
+log = logging.getLogger("grpo")
+
+
+class LoopLag:
+    """Measures how late the event loop wakes a 10 ms sleeper: the lag every request would see."""
+
+    def __init__(self, period_s: float = 0.01) -> None:
+        self.period_s = period_s
+        self.samples: list[float] = []
+        self._task: asyncio.Task | None = None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            t = loop.time()
+            await asyncio.sleep(self.period_s)
+            self.samples.append(max(0.0, loop.time() - t - self.period_s))
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    def take_p99_ms(self) -> float:
+        s, self.samples = sorted(self.samples), []
+        return 1000 * s[min(len(s) - 1, int(0.99 * len(s)))] if s else 0.0
+
+    def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+
+
+@dataclass
+class DataCursor:
+    """Deterministic walk over the training rows: reshuffled each epoch, resumable by position."""
+
+    rows: list[dict[str, Any]]
+    seed: int
+    position: int = 0
+
+    def take(self, n: int) -> list[dict[str, Any]]:
+        out = []
+        for _ in range(n):
+            epoch, i = divmod(self.position, len(self.rows))
+            order = list(range(len(self.rows)))
+            random.Random(self.seed + epoch).shuffle(order)
+            out.append(self.rows[order[i]])
+            self.position += 1
+        return out
+
+
+def turn_index(rollout: Rollout) -> list[int]:
+    """For each token, the model call whose prompt or generation it first appears in."""
+    starts = [c.prompt_len for c in rollout.sequence.calls]
+    out, k = [], 0
+    for i in range(len(rollout.sequence.token_ids)):
+        while k + 1 < len(starts) and i >= starts[k + 1]:
+            k += 1
+        out.append(k)
+    return out
+
+
+def advantages_for(rollouts: list[Rollout], cfg: Config) -> tuple[list[float], list[bool]]:
+    """Group advantages, and which rollouts train (dropped groups, masked/dropped truncation)."""
+    g = cfg.grpo
+    rewards = [r.reward for r in rollouts]
+    adv = group_advantages(rewards, g.group_size, g.baseline, g.normalize_std)
+    keep = [not r.mask_sample for r in rollouts]
+    if g.drop_zero_variance_groups:
+        flat = zero_variance_groups(rewards, g.group_size)
+        keep = [k and not flat[i // g.group_size] for i, k in enumerate(keep)]
+    if g.truncated != "keep":
+        keep = [k and not r.truncated for k, r in zip(keep, rollouts)]
+    return adv, keep
+
+
+class GRPOLoop:
+    def __init__(self, cfg: Config, engine: Engine, gym: GymServers, store: RunStore, policy: PolicyTrainer,
+                 rows: list[dict[str, Any]], progress: Callable[[int, dict[str, float]], None] | None = None) -> None:
+        self.cfg, self.engine, self.gym, self.store, self.policy = cfg, engine, gym, store, policy
+        self.cursor = DataCursor(rows, cfg.run.seed)
+        self.step = 0
+        self.progress = progress
+        self.lag = LoopLag()
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+    @property
+    def ckpt_root(self) -> Path:
+        return self.cfg.run_dir / "checkpoints"
+
+    def save_checkpoint(self) -> None:
+        final = self.ckpt_root / f"step_{self.step:06d}"
+        tmp = self.ckpt_root / f".tmp_step_{self.step:06d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.policy.save_checkpoint(tmp / "policy")
+        (tmp / "loop.json").write_text(json.dumps({"step": self.step, "data_position": self.cursor.position}))
+        tmp.rename(final)  # a checkpoint folder exists only once complete
+        for old in sorted(self.ckpt_root.glob("step_*"))[:-1]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def latest_checkpoint(self) -> Path | None:
+        found = sorted(self.ckpt_root.glob("step_*"))
+        return found[-1] if found else None
+
+    async def resume(self) -> bool:
+        """Load the last checkpoint, drop store rows written after it, push its weights to vLLM."""
+        ckpt = self.latest_checkpoint()
+        if ckpt is None:
+            self.store.truncate_after(0)
+            return False
+        state = json.loads((ckpt / "loop.json").read_text())
+        await asyncio.to_thread(self.policy.load_checkpoint, ckpt / "policy")
+        self.step, self.cursor.position = state["step"], state["data_position"]
+        await asyncio.to_thread(self.store.truncate_after, self.step)
+        await self.engine.update_weights(self.policy.named_weights())
+        log.info("resumed from %s (step %d)", ckpt, self.step)
+        return True
+
+    # ---- one step ---------------------------------------------------------------------------------
+    async def run(self, session: aiohttp.ClientSession) -> None:
+        self.lag.start()
+        try:
+            while self.step < self.cfg.grpo.steps:
+                metrics = await self.train_step(session)
+                if self.progress:
+                    self.progress(self.step, metrics)
+                if self.step % self.cfg.grpo.checkpoint_every == 0 or self.step == self.cfg.grpo.steps:
+                    await asyncio.to_thread(self.save_checkpoint)
+        finally:
+            self.lag.stop()
+
+    async def train_step(self, session: aiohttp.ClientSession) -> dict[str, float]:
+        g, gym = self.cfg.grpo, self.cfg.gym
+        started = time.time()
+        rows = self.cursor.take(g.rows_per_step)
+        version = self.engine.weight_version
+
+        t0 = time.perf_counter()
+        await asyncio.to_thread(self.policy.offload_optimizer)
+        await self.engine.wake()
+        rollouts = await collect(rows, g.group_size, self.gym, session, gym.concurrency,
+                                 gym.request_timeout_s, gym.max_retries)
+        await self.engine.sleep()
+        t_gen = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        adv, keep = advantages_for(rollouts, self.cfg)
+        samples = [TrainSample(r.sequence.token_ids, r.sequence.loss_mask, r.sequence.gen_logprobs, a)
+                   for r, a, k in zip(rollouts, adv, keep) if k]
+        train_logprobs: list[list[float]] = [[] for _ in rollouts]
+        stats = None
+        if any(any(s.loss_mask) for s in samples):
+            await asyncio.to_thread(self.policy.reload_optimizer)
+            stats = await asyncio.to_thread(self.policy.train_step, samples)
+            kept = iter(stats.train_logprobs)
+            train_logprobs = [next(kept) if k else [] for k in keep]
+        t_train = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        if stats is not None:
+            await self.engine.update_weights(self.policy.named_weights())
+        t_sync = time.perf_counter() - t0
+
+        self.step += 1
+        metrics = self._metrics(rollouts, adv, keep, stats)
+        metrics.update(time_generation_s=t_gen, time_training_s=t_train, time_weight_sync_s=t_sync)
+        t0 = time.perf_counter()
+        records = await asyncio.to_thread(self._records, rollouts, adv, train_logprobs, version)
+        metrics["time_logging_s"] = time.perf_counter() - t0
+        metrics["time_step_s"] = time.time() - started
+        metrics["loop_lag_p99_ms"] = self.lag.take_p99_ms()
+        gen_tokens = sum(sum(r.sequence.loss_mask) for r in rollouts)
+        metrics["tokens_per_s"] = gen_tokens / t_gen if t_gen > 0 else 0.0
+        await asyncio.to_thread(self.store.write_step,
+                                StepRecord(self.step, version, metrics, started, time.time()), records)
+        return metrics
+
+    def _metrics(self, rollouts: list[Rollout], adv: list[float], keep: list[bool], stats: Any) -> dict[str, float]:
+        rewards = [r.reward for r in rollouts]
+        flat = zero_variance_groups(rewards, self.cfg.grpo.group_size)
+        m: dict[str, float] = {
+            "reward_mean": statistics.fmean(rewards),
+            "reward_std": statistics.pstdev(rewards),
+            "zero_variance_group_frac": sum(flat) / len(flat),
+            "truncation_rate": sum(r.truncated for r in rollouts) / len(rollouts),
+            "rollouts_trained": float(sum(keep)),
+            "generated_tokens_mean": statistics.fmean(sum(r.sequence.loss_mask) for r in rollouts),
+            "turns_mean": statistics.fmean(r.num_turns for r in rollouts),
+            "advantage_abs_mean": statistics.fmean(abs(a) for a in adv),
+        }
+        for k, v in env_metrics(rollouts).items():
+            env, name = k.split("/", 1)
+            m[f"reward/{env}_mean" if name == "reward_mean" else f"env/{env}/{name}"] = v
+        if stats is not None:
+            m.update(loss=stats.loss, kl=stats.kl, entropy=stats.entropy, clip_low_frac=stats.clip_low_frac,
+                     clip_high_frac=stats.clip_high_frac, clip_frac=stats.clip_low_frac + stats.clip_high_frac,
+                     grad_norm=stats.grad_norm, token_mult_prob_error=stats.token_mult_prob_error,
+                     gen_kl_error=stats.gen_kl_error, lr=stats.lr, tis_capped_frac=stats.tis_capped_frac)
+        return m
+
+    def _records(self, rollouts: list[Rollout], adv: list[float], train_logprobs: list[list[float]],
+                 version: int) -> list[RolloutRecord]:
+        tok = self.engine.tokenizer
+        out = []
+        for r, a, tl in zip(rollouts, adv, train_logprobs):
+            ids = r.sequence.token_ids
+            out.append(RolloutRecord(
+                step=self.step, policy_version=version, env=r.env, agent=r.agent, row_index=r.row_index,
+                group_index=r.group_index, row_id=f"{self.step}:{r.row_index}:{r.group_index}", reward=r.reward,
+                advantage=a, num_turns=r.num_turns, num_model_calls=r.num_model_calls,
+                num_tool_calls=r.num_tool_calls, truncated=r.truncated, mask_sample=r.mask_sample,
+                failure=r.failure, latency_s=r.latency_s, result=r.result, token_ids=ids,
+                token_text=tok.batch_decode([[t] for t in ids]), loss_mask=r.sequence.loss_mask,
+                turn_index=turn_index(r), gen_logprobs=r.sequence.gen_logprobs, train_logprobs=tl,
+            ))
+        return out

@@ -1,0 +1,178 @@
+"""GRPO with NeMo Gym, in one process.
+
+    python trainer.py config.yaml               # train; dashboard at http://127.0.0.1:8080
+    python trainer.py config.yaml --resume      # continue a killed run from its last checkpoint
+    python trainer.py config.yaml --eval 4      # 4 rollouts per eval row, print per-env metrics
+    python trainer.py config.yaml --serve       # only the policy endpoint (+ dashboard)
+    python trainer.py config.yaml --set grpo.steps=5 --set run.name=try1
+
+One asyncio loop serves the policy endpoint and the dashboard (one Starlette app under uvicorn),
+drives vLLM in-process, talks to the NeMo Gym subprocesses over HTTP, and runs the GRPO loop with
+its training compute in a worker thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # before vLLM is imported
+os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))  # before torch is imported
+
+from grpo.config import Config, ConfigError, load_config  # noqa: E402
+
+log = logging.getLogger("trainer")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="path to config.yaml")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--serve", action="store_true", help="serve the policy endpoint and dashboard only")
+    mode.add_argument("--eval", type=int, metavar="N", help="collect N rollouts per eval row, no training")
+    p.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (YAML value), e.g. --set grpo.steps=5")
+    return p.parse_args(argv)
+
+
+def overrides(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set {pair}: expected KEY=VALUE")
+        k, v = pair.split("=", 1)
+        out[k] = yaml.safe_load(v)
+    return out
+
+
+async def start_engine(cfg: Config):
+    from engine.engine import Engine, EngineConfig
+    from engine.models import resolve_model
+
+    path = resolve_model(cfg.model.name)
+    engine = Engine(EngineConfig(model=path, max_model_len=cfg.model.max_model_len, dtype=cfg.model.dtype,
+                                 seed=cfg.run.seed, max_num_seqs=cfg.engine.max_num_seqs,
+                                 gpu_memory_utilization=cfg.engine.gpu_memory_utilization,
+                                 cpu_kv_cache_gib=cfg.engine.cpu_kv_cache_gib))
+    return await engine.start(), path
+
+
+def progress_bar(cfg: Config, start: int):
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.grpo.steps, initial=start, unit="step", dynamic_ncols=True)
+
+    def update(step: int, m: dict[str, float]) -> None:
+        bar.set_postfix_str(
+            f"reward {m['reward_mean']:.3f} loss {m.get('loss', float('nan')):+.4f} "
+            f"tmpe {m.get('token_mult_prob_error', float('nan')):.4f} ent {m.get('entropy', float('nan')):.3f} "
+            f"gen {m['time_generation_s']:.1f}s train {m['time_training_s']:.1f}s "
+            f"sync {m['time_weight_sync_s']:.2f}s lag99 {m['loop_lag_p99_ms']:.0f}ms")
+        bar.update(step - bar.n)
+
+    return bar, update
+
+
+async def main(cfg: Config, args: argparse.Namespace) -> int:
+    import aiohttp
+    from starlette.applications import Starlette
+
+    from dashboard.app import dashboard_routes
+    from engine.server import HTTPServer, ServerConfig, policy_routes
+    from gym.rollouts import collect, env_metrics, load_env_rows
+    from gym.servers import GymServers
+
+    run_dir = cfg.run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    gym = GymServers(cfg.gym)
+    engine, model_path = await start_engine(cfg)
+    server_cfg = ServerConfig(model_name=cfg.server.model_name, api_key=cfg.server.api_key,
+                              default_temperature=cfg.grpo.temperature, default_max_tokens=cfg.grpo.max_tokens,
+                              tool_parser=cfg.server.tool_parser, strict_sampling=not args.serve)
+    app = Starlette(routes=policy_routes(engine, server_cfg)
+                    + dashboard_routes(Path(cfg.run.dir), gym_status=gym.status, token=cfg.server.dashboard_token))
+    http = await HTTPServer.start(app, cfg.server.host, cfg.server.port)
+    base = f"http://127.0.0.1:{http.port}"
+    print(f"policy endpoint {base}/v1   dashboard {base}/", flush=True)
+    store = None
+    status = "failed"
+    try:
+        if args.serve:
+            await asyncio.Event().wait()
+        await gym.start(f"{base}/v1", cfg.server.model_name, cfg.server.api_key, run_dir / "gym")
+        timeout = aiohttp.ClientTimeout(total=None)
+        async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+            if args.eval:
+                rows = load_env_rows(cfg.gym, "eval") or load_env_rows(cfg.gym, "train")
+                rollouts = await collect(rows, args.eval, gym, session, cfg.gym.concurrency,
+                                         cfg.gym.request_timeout_s, cfg.gym.max_retries)
+                for k, v in env_metrics(rollouts).items():
+                    print(f"{k:40s} {v:.4f}")
+                status = "finished"
+                return 0
+            from grpo.loop import GRPOLoop
+            from grpo.policy import PolicyTrainer
+            from store.db import RunStore
+
+            store = RunStore.open(run_dir)
+            policy = await asyncio.to_thread(PolicyTrainer, model_path, trainer_config(cfg), cfg.run.seed)
+            loop = GRPOLoop(cfg, engine, gym, store, policy, load_env_rows(cfg.gym, "train"))
+            if loop.latest_checkpoint() is not None and not args.resume:
+                print(f"error: run {run_dir} already has checkpoints; pass --resume or pick another run.name",
+                      file=sys.stderr)
+                return 2
+            store.start_run(cfg.run.name, cfg.model_dump(mode="json"), cfg.model.name)
+            store.set_status("running")
+            await loop.resume() if args.resume else store.truncate_after(0)
+            bar, update = progress_bar(cfg, loop.step)
+            loop.progress = update
+            with bar:
+                await loop.run(session)
+            status = "finished"
+            return 0
+    finally:
+        await gym.stop()
+        if store is not None:
+            store.finish_run(status)
+        await http.stop()
+        await engine.shutdown()
+
+
+def trainer_config(cfg: Config):
+    from grpo.loss import LossConfig
+    from grpo.policy import TrainerConfig
+
+    g = cfg.grpo
+    return TrainerConfig(
+        lr=g.lr, weight_decay=g.weight_decay, max_grad_norm=g.max_grad_norm, warmup_steps=g.warmup_steps,
+        micro_batch_tokens=g.micro_batch_tokens, gradient_checkpointing=g.gradient_checkpointing,
+        dtype=cfg.model.dtype, temperature=g.temperature, num_minibatches=g.num_minibatches,
+        loss=LossConfig(clip_low=g.clip_low, clip_high=g.clip_high, normalization=g.normalization,
+                        kl_beta=g.kl_beta, tis_cap=g.tis_cap),
+    )
+
+
+def cli(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, overrides(args.set))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return asyncio.run(main(cfg, args))
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint can be resumed with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
