@@ -1,4 +1,5 @@
-"""A tiny, real model for fast tests: 2-layer Qwen2 shape (hidden 128, head_dim 64) with the
+"""A tiny, real model for fast tests: 2-layer Qwen2 shape (hidden 256 = 4 heads x head_dim 64;
+vLLM assumes heads x head_dim == hidden) with the
 SmolLM2 tokenizer, `<tool_call>` tokens and a Qwen-style ChatML template that renders tools.
 
 A random model never calls a tool, so the model is briefly trained (seconds) on `MEMORISED`:
@@ -143,7 +144,7 @@ def _build(out: Path) -> None:
     tok.chat_template = CHATML_TOOLS_TEMPLATE
     vocab = len(tok)
     config = Qwen2Config(
-        vocab_size=vocab, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+        vocab_size=vocab, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=4, head_dim=64, max_position_embeddings=4096,
         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         rope_theta=10000.0, dtype="float32",
