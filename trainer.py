@@ -90,6 +90,11 @@ async def main(cfg: Config, args: argparse.Namespace) -> int:
     from gym.servers import GymServers
 
     run_dir = cfg.run_dir.resolve()
+    training = not (args.serve or args.eval)
+    if training and not args.resume and any((run_dir / "checkpoints").glob("step_*")):
+        print(f"error: run {run_dir} already has checkpoints; pass --resume or pick another run.name",
+              file=sys.stderr)
+        return 2
     run_dir.mkdir(parents=True, exist_ok=True)
     gym = GymServers(cfg.gym)
     engine, model_path = await start_engine(cfg)
@@ -124,10 +129,6 @@ async def main(cfg: Config, args: argparse.Namespace) -> int:
             store = RunStore.open(run_dir)
             policy = await asyncio.to_thread(PolicyTrainer, model_path, trainer_config(cfg), cfg.run.seed)
             loop = GRPOLoop(cfg, engine, gym, store, policy, load_env_rows(cfg.gym, "train"))
-            if loop.latest_checkpoint() is not None and not args.resume:
-                print(f"error: run {run_dir} already has checkpoints; pass --resume or pick another run.name",
-                      file=sys.stderr)
-                return 2
             store.start_run(cfg.run.name, cfg.model_dump(mode="json"), cfg.model.name)
             store.set_status("running")
             await loop.resume() if args.resume else store.truncate_after(0)

@@ -164,7 +164,7 @@ class GRPOLoop:
         g, gym = self.cfg.grpo, self.cfg.gym
         started = time.time()
         rows = self.cursor.take(g.rows_per_step)
-        version = self.engine.weight_version
+        version = self.step  # the policy that generates has had `step` optimizer updates
 
         t0 = time.perf_counter()
         await asyncio.to_thread(self.policy.offload_optimizer)

@@ -78,3 +78,38 @@ def policy_server(tiny_model: str) -> Iterator[PolicyHandle]:
     lt.run(http.stop())
     lt.run(engine.shutdown())
     lt.close()
+
+
+def trainer_cmd(tiny_model: str, runs_dir: Path, name: str, *extra: str) -> list[str]:
+    """trainer.py on the shipped config, shrunk to the tiny model and a few small steps."""
+    sets = {
+        "model.name": tiny_model, "model.max_model_len": 1024, "run.dir": str(runs_dir), "run.name": name,
+        "grpo.steps": 3, "grpo.rows_per_step": 2, "grpo.group_size": 2, "grpo.max_tokens": 16,
+        "grpo.checkpoint_every": 1, "server.port": 0, "gym.head_port": 0,
+    }
+    cmd = [sys.executable, str(ROOT / "trainer.py"), str(ROOT / "config.yaml")]
+    for k, v in sets.items():
+        cmd += ["--set", f"{k}={v}"]
+    return cmd + list(extra)
+
+
+@dataclass
+class RunInfo:
+    runs_dir: Path
+    name: str
+    log: str
+
+    @property
+    def db(self) -> Path:
+        return self.runs_dir / self.name / "rollouts.db"
+
+
+@pytest.fixture(scope="session")
+def short_run(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> RunInfo:
+    """A real 3-step training run (tiny model, real vLLM, real Gym string_match, real SQLite)."""
+    import subprocess
+
+    runs = tmp_path_factory.mktemp("runs")
+    p = subprocess.run(trainer_cmd(tiny_model, runs, "short"), cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
+    return RunInfo(runs, "short", p.stdout + p.stderr)

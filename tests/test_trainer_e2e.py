@@ -1,0 +1,102 @@
+"""`python trainer.py config.yaml` end to end on the tiny model: the store holds every step and
+rollout exactly once, a SIGKILLed run resumes, and a bad config exits 2 before anything starts."""
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import ROOT, trainer_cmd
+
+pytestmark = pytest.mark.slow
+
+
+def q(db, sql):
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as c:
+        return c.execute(sql).fetchall()
+
+
+def test_short_run_writes_every_step_and_rollout(short_run):
+    assert q(short_run.db, "SELECT step FROM steps ORDER BY step") == [(1,), (2,), (3,)]
+    assert q(short_run.db, "SELECT count(*), count(DISTINCT step || ':' || row_index || ':' || group_index) FROM rollouts") == [(12, 12)]
+    assert q(short_run.db, "SELECT status FROM runs") == [("finished",)]
+
+
+def test_model_tokens_carry_both_logprobs_and_prompt_tokens_none(short_run):
+    [(model_tokens, with_both, prompt_with_lp)] = q(short_run.db, """
+        SELECT sum(is_model), sum(is_model AND gen_logprob IS NOT NULL AND train_logprob IS NOT NULL),
+               sum(NOT is_model AND gen_logprob != 0)
+        FROM tokens""")
+    assert model_tokens > 0
+    assert with_both == model_tokens
+    assert not prompt_with_lp
+
+
+def test_train_and_generation_logprobs_agree(short_run):
+    errors = [r[0] for r in q(short_run.db, "SELECT token_mult_prob_error FROM steps")]
+    assert all(1.0 <= e < 1.05 for e in errors), errors
+
+
+def test_step_metrics_include_the_time_split_and_loop_lag(short_run):
+    cols = {r[1] for r in q(short_run.db, "PRAGMA table_info(steps)")}
+    for key in ("reward_mean", "loss", "kl", "entropy", "clip_frac", "grad_norm", "token_mult_prob_error",
+                "gen_kl_error", "truncation_rate", "tokens_per_s", "time_generation_s", "time_training_s",
+                "time_weight_sync_s", "time_logging_s", "loop_lag_p99_ms", "reward_addition_mean"):
+        assert key in cols, key
+
+
+def test_gym_result_is_stored_whole(short_run):
+    [(result,)] = q(short_run.db, "SELECT result FROM rollouts LIMIT 1")
+    result = json.loads(result)
+    assert "reward" in result and "response" in result
+
+
+def test_config_errors_exit_2_naming_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((ROOT / "config.yaml").read_text().replace("group_size: 4", "group_size: 4\n  groupsize: 4"))
+    cases = [
+        ([str(bad)], "grpo.groupsize"),
+        ([str(ROOT / "config.yaml"), "--set", "grpo.lr=fast"], "grpo.lr"),
+        ([str(ROOT / "config.yaml"), "--set", "gym.envs.0.train_data=/nope.jsonl"], "train_data"),
+        ([str(ROOT / "config.yaml"), "--set", "grpo.max_tokens=5000"], "max_tokens"),
+        ([str(tmp_path / "missing.yaml")], "does not exist"),
+    ]
+    for args, key in cases:
+        p = subprocess.run([sys.executable, str(ROOT / "trainer.py"), *args], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2, (args, p.stderr)
+        assert key in p.stderr, (args, p.stderr)
+        assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_sigkilled_run_resumes_with_a_consistent_store(tiny_model, tmp_path):
+    cmd = trainer_cmd(tiny_model, tmp_path, "killed", "--set", "grpo.steps=4")
+    db = tmp_path / "killed" / "rollouts.db"
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        if db.exists() and q(db, "SELECT count(*) FROM steps")[0][0] >= 2:
+            break
+        assert proc.poll() is None, "run ended before it could be killed"
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = q(db, "SELECT count(*) FROM steps")[0][0]
+    assert done < 4
+
+    p = subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert q(db, "SELECT step FROM steps ORDER BY step") == [(1,), (2,), (3,), (4,)]
+    assert q(db, "SELECT step, count(*) FROM rollouts GROUP BY step") == [(s, 4) for s in (1, 2, 3, 4)]
+    [(n_tokens_rollouts,)] = q(db, "SELECT count(DISTINCT rollout_id) FROM tokens")
+    assert n_tokens_rollouts == 16
+
+
+def test_rerun_without_resume_refuses_to_overwrite(short_run, tiny_model):
+    p = subprocess.run(trainer_cmd(tiny_model, short_run.runs_dir, short_run.name), cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 2
+    assert "--resume" in p.stderr
