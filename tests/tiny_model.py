@@ -97,13 +97,14 @@ MEMORISED: list[tuple[list[dict], list[dict] | None]] = [
     for i, q in enumerate(_QUESTIONS)
 ]
 
+# hashed at import: a process keeps building what its own code describes, even if the file changes
+_SOURCE_KEY = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
 CACHE = Path(os.environ.get("GRPO_CACHE_DIR", Path(__file__).resolve().parent.parent / ".cache")) / "tiny-models"
 
 
 def tiny_model_dir() -> str:
     """Path of the cached tiny model folder, building it on first use."""
-    key = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
-    out = CACHE / f"qwen2-tiny-{key}"
+    out = CACHE / f"qwen2-tiny-{_SOURCE_KEY}"
     if not (out / "model.safetensors").exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         _build(out)
