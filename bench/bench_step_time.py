@@ -1,0 +1,65 @@
+"""Step-time breakdown of the default config: generation, training, weight sync, logging.
+
+    .venv/bin/python bench/bench_step_time.py [--steps 3] [--set key=value ...]
+    .venv/bin/python bench/bench_step_time.py --db runs/smollm2-addition/rollouts.db   # an existing run
+
+Runs `trainer.py config.yaml` for a few steps under a fresh run name (or reads a finished run)
+and prints, per part, the mean seconds per step and its share of the step, plus generation
+tokens/s, event-loop lag p99 and token_mult_prob_error, all read back from the run's SQLite store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PARTS = ("time_generation_s", "time_training_s", "time_weight_sync_s", "time_logging_s")
+
+
+def report(db: Path) -> None:
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as c:
+        cols = ", ".join(f"avg({p})" for p in PARTS)
+        row = c.execute(f"SELECT count(*), avg(time_step_s), {cols}, avg(tokens_per_s), max(loop_lag_p99_ms), "
+                        "max(token_mult_prob_error) FROM steps WHERE step > 1").fetchone()
+        if not row[0]:  # a one-step run: keep its only (warm-up) step
+            row = c.execute(f"SELECT count(*), avg(time_step_s), {cols}, avg(tokens_per_s), max(loop_lag_p99_ms), "
+                            "max(token_mult_prob_error) FROM steps").fetchone()
+    n, total, *parts, tps, lag, tmpe = row
+    print(f"steps measured       : {n} (first step excluded as warm-up when there are more)")
+    print(f"step time            : {total:7.2f} s")
+    for name, sec in zip(PARTS, parts):
+        print(f"  {name[5:-2]:18s} : {sec:7.2f} s  {100 * sec / total:5.1f}%")
+    print(f"generation tokens/s  : {tps:7.1f}")
+    print(f"event-loop lag p99   : {lag:7.1f} ms (max over steps; goal < 100)")
+    print(f"token_mult_prob_error: {tmpe:7.4f} (max over steps; goal < 1.05)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--config", default=str(ROOT / "config.yaml"))
+    p.add_argument("--db", help="report on an existing run's rollouts.db instead of running")
+    p.add_argument("--set", action="append", default=[])
+    args = p.parse_args()
+    if args.db:
+        report(Path(args.db))
+        return
+    runs = Path(tempfile.mkdtemp(prefix="bench-runs-"))
+    name = f"bench-{int(time.time())}"
+    cmd = [sys.executable, str(ROOT / "trainer.py"), args.config, "--set", f"grpo.steps={args.steps}",
+           "--set", f"run.dir={runs}", "--set", f"run.name={name}", "--set", "server.port=0",
+           "--set", "gym.head_port=0"]
+    for s in args.set:
+        cmd += ["--set", s]
+    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    report(runs / name / "rollouts.db")
+
+
+if __name__ == "__main__":
+    main()
