@@ -162,20 +162,39 @@ class PolicyTrainer:
         return self.accelerator.unwrap_model(self.model)
 
     def _forward(
-        self, model: torch.nn.Module, ids: Tensor, attn: Tensor, entropy_mask: Tensor | None = None
+        self, model: torch.nn.Module, ids: Tensor, attn: Tensor, entropy_mask: Tensor | None = None,
+        need: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Per-token logprobs [B, L] (position 0: 0.0) and, where `entropy_mask` is set, the entropy
-        of the sampling distribution there (no gradient: it is a metric)."""
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
-        logp_all = torch.log_softmax(logits[:, :-1].float() / self.cfg.temperature, dim=-1)
-        lp = F.pad(logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1), (1, 0))
+        of the sampling distribution there (no gradient: it is a metric).
+
+        With `need` [B, L], only those positions get a logprob (the rest 0.0): the vocab projection
+        and log-softmax then run on the model tokens alone instead of every position, which on a
+        49k vocab is most of the memory traffic of a training step.
+        """
+        if need is None:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
+            logp_all = torch.log_softmax(logits[:, :-1].float() / self.cfg.temperature, dim=-1)
+            lp = F.pad(logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1), (1, 0))
+            where = entropy_mask[:, 1:].bool() if entropy_mask is not None else None
+            rows = logp_all.detach()[where] if where is not None else None
+        else:
+            inner = self.accelerator.unwrap_model(model)
+            where = need[:, 1:].bool()  # the logprob of token t comes from position t-1
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                hidden = inner.get_decoder()(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
+                logits = inner.get_output_embeddings()(hidden[:, :-1][where])
+            logp = torch.log_softmax(logits.float() / self.cfg.temperature, dim=-1)
+            picked = logp.gather(-1, ids[:, 1:][where][:, None]).squeeze(-1)
+            lp = F.pad(torch.zeros(where.shape, dtype=picked.dtype, device=ids.device).masked_scatter(where, picked),
+                       (1, 0))
+            if entropy_mask is not None and not torch.equal(entropy_mask[:, 1:].bool(), where):
+                raise ValueError("entropy_mask must equal need")
+            rows = logp.detach() if entropy_mask is not None else None
         ent = None
-        if entropy_mask is not None:
+        if where is not None and rows is not None:
             with torch.no_grad():
-                # only the model tokens' rows: a [tokens, vocab] temporary, not [B, L, vocab]
-                where = entropy_mask[:, 1:].bool()
-                rows = logp_all.detach()[where]
                 ent = torch.zeros_like(lp)
                 ent[:, 1:][where] = -(rows.exp() * rows).sum(-1)
         return lp, ent
@@ -269,7 +288,7 @@ class PolicyTrainer:
                 mask = _pad([samples[i].loss_mask for i in members], 0, torch.float32, self.device)
                 gen = _pad([samples[i].gen_logprobs for i in members], 0.0, torch.float32, self.device)
                 adv = torch.tensor([samples[i].advantage for i in members], dtype=torch.float32, device=self.device)
-                lp, ent = self._forward(self.model, ids, attn, entropy_mask=mask)
+                lp, ent = self._forward(self.model, ids, attn, entropy_mask=mask, need=mask)
                 if old_all is None:
                     old = lp.detach()  # one update per batch: exactly on-policy, ratio 1
                 else:
@@ -277,7 +296,7 @@ class PolicyTrainer:
                 ref = None
                 if self.ref_model is not None:
                     with torch.no_grad():
-                        ref, _ = self._forward(self.ref_model, ids, attn)
+                        ref, _ = self._forward(self.ref_model, ids, attn, need=mask)
                 loss, metrics = policy_loss(
                     lp, old, gen, adv, mask, cfg.loss,
                     batch_tokens=batch_tokens, batch_sequences=batch_sequences,
