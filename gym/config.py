@@ -111,7 +111,12 @@ class GymConfig(BaseModel):
         return list(dict.fromkeys(paths)) + [str(self.gym_root() / POLICY_MODEL_CONFIG)]
 
     def gym_overrides(self) -> dict[str, Any]:
-        merged: dict[str, Any] = {}
+        """Gym global-config overrides: our policy-adapter defaults, then each env's, then global."""
+        merged: dict[str, Any] = {
+            # Shipped rows use the Responses `developer` role; open chat templates (Qwen, SmolLM2)
+            # know only `system`, and render `developer` as a turn the model never saw in training.
+            "policy_model": {"responses_api_models": {"vllm_model": {"replace_developer_role_with_system": True}}},
+        }
         for env in self.envs:
             _deep_merge(merged, env.overrides)
         return _deep_merge(merged, self.overrides)

@@ -199,17 +199,10 @@ def tokenizer():
 
 
 @pytest.fixture(scope="session")
-def filled_run(tmp_path_factory, tokenizer) -> tuple[Path, str]:
-    """A finished run of three steps written through RunStore: (runs_dir, run_name)."""
-    runs_dir = tmp_path_factory.mktemp("runs")
-    run = "smollm2-string-match"
-    writer = RunWriter(tokenizer)
-    with RunStore.open(runs_dir / run) as store:
-        store.start_run(run, {"model": "embedded:smollm2-135m-instruct", "group_size": 4}, "SmolLM2-135M-Instruct")
-        for step in range(3):
-            writer.write_step(store, step)
-        store.finish_run("finished")
-    return runs_dir, run
+def filled_run(short_run) -> tuple[Path, str]:
+    """The store of a real short training run (trainer.py, tiny model, real vLLM and Gym):
+    (runs_dir, run_name)."""
+    return short_run.runs_dir, short_run.name
 
 
 # -- serving and browsing --------------------------------------------------------------------

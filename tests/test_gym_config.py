@@ -82,7 +82,10 @@ def test_overrides_merge_env_then_global():
     )
     assert cfg.gym_overrides() == {
         "string_match_simple_agent": {"responses_api_agents": {"simple_agent": {"max_steps": 2}}},
-        "policy_model": {"responses_api_models": {"vllm_model": {"uses_reasoning_parser": False}}},
+        "policy_model": {"responses_api_models": {"vllm_model": {
+            "replace_developer_role_with_system": True,   # our default
+            "uses_reasoning_parser": False,
+        }}},
     }
 
 

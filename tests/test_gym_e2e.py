@@ -189,7 +189,8 @@ def _resources_server_python(servers: GymServers, name: str) -> int:
 
 def test_a_resources_server_killed_mid_batch_is_restarted_and_every_rollout_arrives_once(gym, policy_server):
     config, servers = gym
-    rows = _rows(config, "string_match", 8, max_output_tokens=24, temperature=1.0)
+    rows = _rows(config, "string_match", 5, max_output_tokens=24, temperature=1.0)
+    rows = copy.deepcopy([rows[i % 5] for i in range(8)])   # the file has 5 rows; a batch of 8
     restarts_before = servers.restarts
     victim = _resources_server_python(servers, "string_match")
 
