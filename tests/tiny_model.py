@@ -112,24 +112,32 @@ def tiny_model_dir() -> str:
 
 
 def _assistant_spans(tok, messages: list[dict], tools) -> tuple[list[int], list[int]]:
-    """Token ids of the rendered conversation and a mask over each assistant turn's ids."""
+    """Token ids of the rendered conversation and a mask over each assistant turn's own ids.
+
+    Rendered piece by piece exactly as the server renders prompts: each assistant turn follows
+    the generation prompt, so the model learns to answer right after `<|im_start|>assistant`.
+    """
     ids: list[int] = []
     mask: list[int] = []
+    done = ""  # the text covered so far
+
+    def add(text: str, learn: int) -> None:
+        new = tok.encode(text, add_special_tokens=False)
+        ids.extend(new)
+        mask.extend([learn] * len(new))
+
     for i, m in enumerate(messages):
-        before = tok.apply_chat_template(messages[:i], tools=tools, tokenize=False,
-                                         add_generation_prompt=m["role"] == "assistant") if i else ""
         upto = tok.apply_chat_template(messages[: i + 1], tools=tools, tokenize=False)
-        piece = upto[len(before):]
         if m["role"] == "assistant":
-            # learn up to and including <|im_end|>, not the newline glue after it
-            piece = piece[: piece.rindex("<|im_end|>") + len("<|im_end|>")]
-        new = tok.encode(piece, add_special_tokens=False)
-        ids += new
-        mask += [1 if m["role"] == "assistant" else 0] * len(new)
-        if m["role"] == "assistant":
-            glue = tok.encode(upto[len(before) + len(piece):], add_special_tokens=False)
-            ids += glue
-            mask += [0] * len(glue)
+            prompt = tok.apply_chat_template(messages[:i], tools=tools, tokenize=False, add_generation_prompt=True)
+            add(prompt[len(done):], 0)
+            turn = upto[len(prompt):]
+            end = turn.rindex("<|im_end|>") + len("<|im_end|>")
+            add(turn[:end], 1)  # learn up to and including <|im_end|>, not the glue after it
+            add(turn[end:], 0)
+        else:
+            add(upto[len(done):], 0)
+        done = upto
     return ids, mask
 
 
