@@ -39,7 +39,7 @@ class ChatRenderer:
                template_kwargs: dict[str, Any] | None = None) -> list[int]:
         text = self.tokenizer.apply_chat_template(
             [m.for_template() for m in messages],
-            tools=tools or None,
+            tools=[chat_tool(t) for t in tools] if tools else None,
             add_generation_prompt=add_generation_prompt,
             tokenize=False,
             **(template_kwargs or {}),
@@ -78,6 +78,18 @@ class ChatRenderer:
         calls = [ToolCall(function=FunctionCall(name=c.function.name, arguments=c.function.arguments))
                  for c in info.tool_calls]
         return ParsedOutput(info.content or None, calls)
+
+
+def chat_tool(tool: dict[str, Any]) -> dict[str, Any]:
+    """A tool in OpenAI chat form with a fixed key order, as vLLM's server renders it.
+
+    Templates print tools with `tojson`, which keeps key order, so the same tool sent
+    function-first (as NeMo Gym does) or flat (Responses API style) would otherwise render
+    differently from what the model saw in training.
+    """
+    fn = tool.get("function", tool)
+    body = {k: fn[k] for k in ("name", "description", "parameters") if k in fn}
+    return {"type": tool.get("type", "function"), "function": body}
 
 
 def _last_with_ids(messages: list[ChatMessage]) -> int | None:

@@ -96,7 +96,8 @@ def advantages_for(rollouts: list[Rollout], cfg: Config) -> tuple[list[float], l
     g = cfg.grpo
     rewards = [r.reward for r in rollouts]
     adv = group_advantages(rewards, g.group_size, g.baseline, g.normalize_std)
-    keep = [not r.mask_sample for r in rollouts]
+    # an episode that overflowed on its first call has no tokens: nothing to train on
+    keep = [not r.mask_sample and any(r.sequence.loss_mask) for r in rollouts]
     if g.drop_zero_variance_groups:
         flat = zero_variance_groups(rewards, g.group_size)
         keep = [k and not flat[i // g.group_size] for i, k in enumerate(keep)]

@@ -74,6 +74,19 @@ WEATHER_TOOL = {
 }
 
 
+# The same tool as NeMo Gym's example_single_tool_call rows send it (after the server puts it in
+# OpenAI's chat order): the tiny model must call it there too.
+GYM_WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": ""}},
+                       "required": ["city"], "additionalProperties": False},
+    },
+}
+
+
 def _tool_exchange(user: str, system: str | None) -> list[dict]:
     call = {"id": "call_0", "type": "function",
             "function": {"name": "get_weather", "arguments": {"city": "sf"}}}
@@ -92,8 +105,8 @@ _QUESTIONS = ["what's it like in sf?", "going out in sf tn", "humidity in sf", "
               "should I bring a jacket", "hello"]
 _SYSTEM = "You are a helpful personal assistant that aims to be helpful and reduce any pain points the user has."
 MEMORISED: list[tuple[list[dict], list[dict] | None]] = [
-    # the long tools system prompt on a third of them: enough to learn it, cheap to train
-    (_tool_exchange(q, _SYSTEM if i % 2 else None), [WEATHER_TOOL] if i % 3 == 0 else None)
+    # each tool rendering on a third of them: enough to learn it, cheap to train
+    (_tool_exchange(q, _SYSTEM if i % 2 else None), [[WEATHER_TOOL], [GYM_WEATHER_TOOL], None][i % 3])
     for i, q in enumerate(_QUESTIONS)
 ]
 
