@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -98,6 +99,11 @@ async def main(cfg: Config, args: argparse.Namespace) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     gym = GymServers(cfg.gym)
     engine, model_path = await start_engine(cfg)
+    # The engine installs its own SIGINT/SIGTERM handlers; ours replace them so that Ctrl-C or a
+    # kill cancels the run at once and the `finally` below stops Gym, the server and the engine.
+    main_task = asyncio.current_task()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, main_task.cancel)
     server_cfg = ServerConfig(model_name=cfg.server.model_name, api_key=cfg.server.api_key,
                               default_temperature=cfg.grpo.temperature, default_max_tokens=cfg.grpo.max_tokens,
                               tool_parser=cfg.server.tool_parser, strict_sampling=not args.serve)
@@ -107,7 +113,7 @@ async def main(cfg: Config, args: argparse.Namespace) -> int:
     base = f"http://127.0.0.1:{http.port}"
     print(f"policy endpoint {base}/v1   dashboard {base}/", flush=True)
     store = None
-    status = "failed"
+    status = "failed"  # unless the run completes; a cancelled (Ctrl-C) run says "interrupted"
     try:
         if args.serve:
             await asyncio.Event().wait()
@@ -138,6 +144,9 @@ async def main(cfg: Config, args: argparse.Namespace) -> int:
                 await loop.run(session)
             status = "finished"
             return 0
+    except asyncio.CancelledError:
+        status = "interrupted"
+        raise
     finally:
         await gym.stop()
         if store is not None:
@@ -170,7 +179,7 @@ def cli(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         return asyncio.run(main(cfg, args))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         print("interrupted; the last checkpoint can be resumed with --resume", file=sys.stderr)
         return 130
 
