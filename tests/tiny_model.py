@@ -180,16 +180,23 @@ def _build(out: Path) -> None:
     labels = torch.tensor([[t if m else -100 for t, m in zip(ids, mask)] + [-100] * (width - len(ids))
                            for ids, mask in seqs])
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    target = labels != -100
-    for _ in range(600):  # typically ~150 steps
+    target = (labels != -100)[:, 1:]
+    want = labels[:, 1:].clamp(min=0)
+    for step in range(400):  # typically 100-200 steps
         res = model(input_ids=x, attention_mask=attn, labels=labels)
         res.loss.backward()
         opt.step()
         opt.zero_grad()
-        # done when greedy decoding reproduces every learned turn exactly (argmax under teacher
-        # forcing), with a margin so the engine's own kernels pick the same tokens
-        exact = bool((res.logits[:, :-1].argmax(-1) == labels[:, 1:])[target[:, 1:]].all())
-        if exact and res.loss.item() < 1e-3:
+        # done when greedy decoding reproduces every learned turn (argmax under teacher forcing)
+        # with a margin of one nat, so the engine's own kernels pick the same tokens
+        with torch.no_grad():
+            logits = res.logits[:, :-1]
+            right = logits.gather(-1, want[..., None]).squeeze(-1)
+            rival = logits.scatter(-1, want[..., None], float("-inf")).max(-1).values
+            margin = (right - rival)[target].min().item()
+        if step % 20 == 0:
+            print(f"[tiny model] step {step} loss {res.loss.item():.4f} margin {margin:.2f}", flush=True)
+        if margin > 1.0:
             break
     # a private temp folder: two test processes may build at once; the first rename wins
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + "."))
