@@ -329,6 +329,15 @@ def _reload_weights(worker: Any, tensors: list[tuple[str, Any]]) -> bool:
     # `model.load_weights` fails on CPU (the backend repacks linear weights after loading);
     # reload_weights re-runs that processing.
     worker.model_runner.reload_weights(weights_iterator=iter(tensors))
+    # With tied embeddings no tensor names the LM head, so the layerwise reload puts the head's
+    # OLD tensors back (vLLM logs "ParallelLMHead: Failed to load weights"): the engine would
+    # sample from new layers and a stale head. Re-tie it to the freshly loaded embedding and
+    # redo the head's post-load processing (on CPU that packs the GEMM weight it really uses).
+    model = worker.model_runner.get_model()
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False) and hasattr(model, "lm_head"):
+        head = model.lm_head
+        head.weight = model.model.embed_tokens.weight
+        head.quant_method.process_weights_after_loading(head)
     return True
 
 

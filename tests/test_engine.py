@@ -64,6 +64,26 @@ def test_weight_update_changes_output_and_restoring_gives_identical_greedy_token
     assert restored == before
 
 
+def test_pushed_tied_embedding_reaches_the_lm_head(policy_server, tiny_model):
+    # tied models send no lm_head tensor; the engine must still sample from the new embedding
+    engine = policy_server.engine
+    prompt = _prompt(policy_server)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    original = [(n, p.detach().clone()) for n, p in model.named_parameters()]
+    with torch.no_grad():
+        model.model.embed_tokens.weight.add_(0.05 * torch.randn(model.model.embed_tokens.weight.shape,
+                                                                generator=torch.Generator().manual_seed(1)))
+    try:
+        policy_server.run(engine.update_weights([(n, p.detach()) for n, p in model.named_parameters()]))
+        g = policy_server.run(engine.generate(prompt, SamplingOptions(temperature=0.7, max_tokens=8, seed=2)))
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + g.token_ids])).logits[0, len(prompt) - 1:-1] / 0.7
+        hf = torch.log_softmax(logits, -1).gather(-1, torch.tensor(g.token_ids)[:, None])[:, 0]
+        assert torch.allclose(hf, torch.tensor(g.logprobs), atol=1e-3)
+    finally:
+        policy_server.run(engine.update_weights(original))
+
+
 def test_weight_with_wrong_shape_is_refused_before_touching_the_engine(policy_server):
     engine = policy_server.engine
     name = next(iter(engine.weight_shapes))
