@@ -122,11 +122,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: the top level must be a mapping of sections")
     for dotted, value in (overrides or {}).items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for k in parents:
-            node = node.setdefault(k, {})
-        node[leaf] = value
+        _set_path(raw, dotted, value)
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
@@ -140,3 +136,18 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
         raise ConfigError(f"config: {where}{msg}") from None
     except ValueError as e:  # GymConfigError raised outside pydantic's wrapping
         raise ConfigError(f"config: {e}") from None
+
+
+def _set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `a.b.0.c` in nested mappings and lists (list items by index), creating mappings."""
+    node: Any = raw
+    *parents, leaf = dotted.split(".")
+    try:
+        for k in parents:
+            node = node[int(k)] if isinstance(node, list) else node.setdefault(k, {})
+        if isinstance(node, list):
+            node[int(leaf)] = value
+        else:
+            node[leaf] = value
+    except (ValueError, IndexError, TypeError, AttributeError):
+        raise ConfigError(f"config: --set {dotted}: no such key") from None
