@@ -137,7 +137,10 @@ async def main(cfg: Config, args: argparse.Namespace) -> int:
             loop = GRPOLoop(cfg, engine, gym, store, policy, load_env_rows(cfg.gym, "train"))
             store.start_run(cfg.run.name, cfg.model_dump(mode="json"), cfg.model.name)
             store.set_status("running")
-            await loop.resume() if args.resume else store.truncate_after(0)
+            if args.resume:
+                await loop.resume()
+            else:  # steps of an attempt that died before its first checkpoint
+                store.truncate_after(0)
             bar, update = progress_bar(cfg, loop.step)
             loop.progress = update
             with bar:
