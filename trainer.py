@@ -151,9 +151,9 @@ async def main(cfg: Config, args: argparse.Namespace) -> int:
         status = "interrupted"
         raise
     finally:
-        await gym.stop()
-        if store is not None:
+        if store is not None:  # first: the awaits below may be cancelled again by a second Ctrl-C
             store.finish_run(status)
+        await gym.stop()
         await http.stop()
         await engine.shutdown()
 
