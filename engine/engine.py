@@ -213,13 +213,13 @@ class Engine:
         loop.call_soon_threadsafe(q.put_nowait, item)
 
     async def _call(self, fn: Callable[[Any], Any]) -> Any:
-        self._check_alive()
+        self.check_alive()
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._cmds.put(("call", (fn, fut, loop)))
         return await fut
 
-    def _check_alive(self) -> None:
+    def check_alive(self) -> None:
         if self._error is not None:
             raise EngineDead(f"engine thread died: {self._error!r}")
         if self._thread is None or not self._thread.is_alive():
@@ -253,7 +253,7 @@ class Engine:
 
     async def stream(self, prompt_ids: list[int], opts: SamplingOptions) -> AsyncIterator[Delta]:
         """Yield the request's new tokens as the engine produces them; aborts if abandoned."""
-        self._check_alive()
+        self.check_alive()
         if self.asleep:
             raise EngineDead("engine is asleep; wake() it before generating")
         rid = f"req-{next(self._ids)}"

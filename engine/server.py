@@ -239,7 +239,7 @@ class PolicyServer:
 
     async def health(self, request: Request) -> Response:
         try:
-            self.engine._check_alive()
+            self.engine.check_alive()
         except Exception as e:
             return JSONResponse({"status": "dead", "error": str(e)}, status_code=503)
         return JSONResponse({"status": "ok", "weight_version": self.engine.weight_version})
