@@ -61,7 +61,9 @@ async def start_engine(cfg: Config):
     engine = Engine(EngineConfig(model=path, max_model_len=cfg.model.max_model_len, dtype=cfg.model.dtype,
                                  seed=cfg.run.seed, max_num_seqs=cfg.engine.max_num_seqs,
                                  gpu_memory_utilization=cfg.engine.gpu_memory_utilization,
-                                 cpu_kv_cache_gib=cfg.engine.cpu_kv_cache_gib))
+                                 cpu_kv_cache_gib=cfg.engine.cpu_kv_cache_gib,
+                                 enforce_eager=cfg.engine.enforce_eager,
+                                 max_num_batched_tokens=cfg.engine.max_num_batched_tokens))
     return await engine.start(), path
 
 

@@ -54,18 +54,19 @@ class ChatRenderer:
         full = self.render(messages, tools, True, template_kwargs)
         last = _last_with_ids(messages)
         if required_prefix:
-            # Gym's extension: the caller states the ids the new prompt must begin with
+            # Gym's extension: the caller states the ids the new prompt must begin with. They stand
+            # for the conversation up to its last assistant turn or, with none, for all of it.
             prefix = list(required_prefix)
             last = last if last is not None else _last_assistant(messages)
             if last is None:
-                raise ValueError("required_prefix_token_ids given but the messages hold no assistant turn")
+                last = len(messages) - 1
         elif last is None:
             return full
         else:
             m = messages[last]
             prefix = list(m.prompt_token_ids or []) + list(m.generation_token_ids or [])
         upto = self.render(messages[: last + 1], tools, False, template_kwargs)
-        return correct_prompt_ids(prefix, full, len(upto), self.end_of_turn_id)
+        return correct_prompt_ids(prefix, full, upto, self.end_of_turn_id)
 
     def parse(self, text: str, tools: list[dict] | None, tool_choice: Any = None) -> ParsedOutput:
         if not tools or tool_choice == "none" or self._tool_parser_cls is None:

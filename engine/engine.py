@@ -46,7 +46,8 @@ class EngineConfig:
     max_num_seqs: int = 64
     gpu_memory_utilization: float = 0.5  # GPU: leave room for the colocated trainer
     cpu_kv_cache_gib: int = 2            # CPU: VLLM_CPU_KVCACHE_SPACE (whole GiB)
-    enforce_eager: bool = True
+    enforce_eager: bool | None = None    # None: eager on CPU (required), CUDA graphs + compile on GPU
+    max_num_batched_tokens: int | None = None   # None: vLLM's default for the platform
 
 
 @dataclass
@@ -56,6 +57,7 @@ class SamplingOptions:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -78,8 +80,25 @@ class Generation:
     temperature: float
 
 
+@dataclass
+class VLLMState:
+    """What vLLM itself reports, read on the engine thread."""
+
+    sleeping: bool               # any memory pool asleep or the scheduler paused
+    unfinished_requests: bool    # requests vLLM still holds (must be False after a sleep)
+
+
 class EngineDead(RuntimeError):
     pass
+
+
+class EngineAsleep(RuntimeError):
+    """A generation was asked for (or was in flight) while the engine sleeps for training."""
+
+
+# vLLM's sleep-mode memory pools. Level-1 sleep offloads "weights" to CPU and drops "kv_cache".
+WEIGHTS, KV_CACHE = "weights", "kv_cache"
+SLEEP_TAGS = (WEIGHTS, KV_CACHE)
 
 
 def on_gpu() -> bool:
@@ -107,8 +126,15 @@ class Engine:
         self._said_no_sleep = False
         self.tokenizer: Any = None
         self.weight_shapes: dict[str, tuple[int, ...]] = {}
-        self.asleep = False
         self.weight_version = 0
+        # The GPU lifecycle, per vLLM memory pool: which pools sleep now. Only the engine thread's
+        # commands change it; the same transitions run on CPU, where vLLM's worker makes the memory
+        # part a no-op but still pauses its scheduler and tracks the sleeping tags.
+        self.asleep_tags: set[str] = set()
+        # Every lifecycle call that reached vLLM, in order ("sleep", "wake_up:weights", "reload_weights",
+        # "reset_prefix_cache", ...): the order is the contract that makes a weight push land.
+        self.lifecycle: list[str] = []
+        self.aborted_at_sleep = 0
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> "Engine":
@@ -126,17 +152,23 @@ class Engine:
         from vllm import LLM
 
         dtype = self.cfg.dtype if self.cfg.dtype != "auto" else ("bfloat16" if gpu else "float32")
+        eager = self.cfg.enforce_eager if self.cfg.enforce_eager is not None else not gpu
+        extra: dict[str, Any] = {}
+        if self.cfg.max_num_batched_tokens is not None:
+            extra["max_num_batched_tokens"] = self.cfg.max_num_batched_tokens
+        if gpu:
+            extra.update(enable_sleep_mode=True, gpu_memory_utilization=self.cfg.gpu_memory_utilization)
         return LLM(
             model=self.cfg.model,
             dtype=dtype,
             seed=self.cfg.seed,
             max_model_len=self.cfg.max_model_len,
             max_num_seqs=self.cfg.max_num_seqs,
-            enforce_eager=self.cfg.enforce_eager,
+            enforce_eager=eager,
             # logprobs of log_softmax(logits / T): what the trainer computes (raw would ignore T)
             logprobs_mode="processed_logprobs",
             enable_prefix_caching=True,
-            **({"enable_sleep_mode": True, "gpu_memory_utilization": self.cfg.gpu_memory_utilization} if gpu else {}),
+            **extra,
         )
 
     def _run(self, loop: asyncio.AbstractEventLoop, ready: asyncio.Future) -> None:
@@ -179,6 +211,9 @@ class Engine:
     def _execute(self, kind: str, payload: Any) -> None:
         if kind == "add":
             rid, prompt_ids, params = payload
+            if self.asleep_tags:  # queued before a sleep that ran first: vLLM would hold it forever
+                self._push(rid, EngineAsleep("the engine went to sleep for a training step; retry after it"))
+                return
             try:
                 self._llm.llm_engine.add_request(rid, {"prompt_token_ids": prompt_ids}, params)
             except Exception as e:
@@ -245,6 +280,7 @@ class Engine:
             seed=opts.seed,
             stop=opts.stop or None,
             stop_token_ids=opts.stop_token_ids or None,
+            ignore_eos=opts.ignore_eos,
             logprobs=0,  # the sampled token's own logprob
             output_kind=RequestOutputKind.DELTA,
             # top-k / top-p / min-p stay off: they would make the sampling distribution differ
@@ -254,8 +290,9 @@ class Engine:
     async def stream(self, prompt_ids: list[int], opts: SamplingOptions) -> AsyncIterator[Delta]:
         """Yield the request's new tokens as the engine produces them; aborts if abandoned."""
         self.check_alive()
-        if self.asleep:
-            raise EngineDead("engine is asleep; wake() it before generating")
+        if self.asleep_tags:
+            raise EngineAsleep(f"the engine sleeps ({', '.join(sorted(self.asleep_tags))}) for a training step; "
+                               "retry after it")
         rid = f"req-{next(self._ids)}"
         q: asyncio.Queue = asyncio.Queue()
         self._streams[rid] = (asyncio.get_running_loop(), q)
@@ -285,39 +322,87 @@ class Engine:
             finish = d.finish_reason or finish
         return Generation(list(prompt_ids), ids, lps, "".join(text), finish, opts.temperature)
 
-    # ---- training-side controls -----------------------------------------------------------------
-    async def sleep(self) -> None:
-        """Free accelerator memory for training (vLLM sleep level 1: weights offloaded, KV dropped)."""
-        if not on_gpu():
-            self._say_no_sleep()
-            return
-        await self._call(lambda llm: llm.sleep(level=1))
-        self.asleep = True
+    # ---- the GPU lifecycle -----------------------------------------------------------------------
+    # One step on a GPU (TRL, verl and NeMo RL do the same):
+    #   generate -> sleep() [abort in-flight, sleep level 1: weights to CPU, KV cache dropped]
+    #   -> train -> update_weights() [wake "weights", reload, reset prefix cache; KV stays asleep]
+    #   -> wake() [wake "kv_cache"] -> generate ...
+    # A push into sleeping weights would write into unmapped memory, and the next wake_up would copy
+    # the stale CPU backup over it: update_weights therefore always wakes the weights first.
+    @property
+    def awake(self) -> bool:
+        return not self.asleep_tags
 
-    async def wake(self) -> None:
-        if not on_gpu():
-            self._say_no_sleep()
-            return
-        await self._call(lambda llm: llm.wake_up())
-        self.asleep = False
+    async def sleep(self) -> int:
+        """Free accelerator memory for training. Returns how many in-flight requests were aborted.
 
-    def _say_no_sleep(self) -> None:
-        if not self._said_no_sleep:
-            log.info("sleep/wake: no accelerator, so nothing to free; sleep() and wake() are no-ops on CPU")
+        vLLM's own sleep drops unfinished requests inside its scheduler without an output, so their
+        streams would never end and the engine thread would spin: they are aborted here first and
+        their streams raise EngineAsleep.
+        """
+        return await self._call(self._sleep)
+
+    async def wake(self, tags: Iterable[str] = SLEEP_TAGS) -> None:
+        """Wake the given memory pools (both by default); generation needs both."""
+        wanted = set(tags)
+        if not wanted <= set(SLEEP_TAGS):
+            raise ValueError(f"unknown sleep tags {sorted(wanted - set(SLEEP_TAGS))}; known: {SLEEP_TAGS}")
+        await self._call(lambda llm: self._wake(llm, wanted))
+
+    async def vllm_state(self) -> VLLMState:
+        return await self._call(lambda llm: VLLMState(llm.llm_engine.is_sleeping(),
+                                                      llm.llm_engine.has_unfinished_requests()))
+
+    def _sleep(self, llm: Any) -> int:
+        rids = list(self._streams)
+        if rids:
+            self._record(f"abort:{len(rids)}")
+            llm.llm_engine.abort_request(rids)
+            for rid in rids:
+                self._push(rid, EngineAsleep("the engine went to sleep for a training step; retry after it"))
+        self.aborted_at_sleep += len(rids)
+        if not self.asleep_tags:
+            self._record("sleep")
+            self._quiet_cpu_sleep_warning()
+            llm.sleep(level=1)
+            self.asleep_tags = set(SLEEP_TAGS)
+        return len(rids)
+
+    def _wake(self, llm: Any, tags: set[str]) -> None:
+        todo = [t for t in SLEEP_TAGS if t in tags and t in self.asleep_tags]
+        if todo:
+            self._record("wake_up:" + ",".join(todo))
+            llm.wake_up(tags=todo)
+            self.asleep_tags -= set(todo)
+
+    def _record(self, call: str) -> None:
+        self.lifecycle.append(call)
+        del self.lifecycle[:-1000]  # a long run keeps only the recent history
+
+    def _quiet_cpu_sleep_warning(self) -> None:
+        # On CPU vLLM's worker warns at every sleep/wake that it has nothing to free; say it once.
+        if not on_gpu() and not self._said_no_sleep:
+            log.info("sleep/wake on CPU: vLLM pauses and resumes its scheduler, there is no accelerator memory to free")
+            logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(
+                lambda rec: "sleep mode is not supported" not in rec.getMessage())
             self._said_no_sleep = True
 
     async def update_weights(self, named_tensors: Iterable[tuple[str, Any]]) -> float:
-        """Load new weights into the running engine, then drop the prefix cache. Returns seconds.
+        """Load new weights into the engine, then drop the prefix cache. Returns seconds.
 
-        Names and shapes are checked first: a failed reload leaves parameters on the meta device
-        and the next forward would kill the engine.
+        Wakes the weights first when they sleep and leaves the KV cache as it was: generation wakes it.
+        Names and shapes are checked first: a failed reload leaves parameters on the meta device and
+        the next forward would kill the engine.
         """
         tensors = [(n, t.detach()) for n, t in named_tensors]
         check_weights(tensors, self.weight_shapes)
         t0 = time.perf_counter()
 
         def push(llm: Any) -> None:
+            self._wake(llm, {WEIGHTS})
+            self._record("reload_weights")
             llm.collective_rpc(_reload_weights, args=(tensors,))
+            self._record("reset_prefix_cache")
             llm.reset_prefix_cache()
 
         await self._call(push)
@@ -327,8 +412,10 @@ class Engine:
 
 def _reload_weights(worker: Any, tensors: list[tuple[str, Any]]) -> bool:
     # `model.load_weights` fails on CPU (the backend repacks linear weights after loading);
-    # reload_weights re-runs that processing.
-    worker.model_runner.reload_weights(weights_iterator=iter(tensors))
+    # reload_weights re-runs that processing. The worker's public method sets the current vLLM
+    # config around the model runner's (newer vLLM asserts it); older workers lack it.
+    reload = getattr(worker, "reload_weights", None) or worker.model_runner.reload_weights
+    reload(weights_iterator=iter(tensors))
     # With tied embeddings no tensor names the LM head, so the layerwise reload puts the head's
     # OLD tensors back (vLLM logs "ParallelLMHead: Failed to load weights"): the engine would
     # sample from new layers and a stale head. Re-tie it to the freshly loaded embedding and

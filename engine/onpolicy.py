@@ -22,28 +22,37 @@ class ContiguityError(ValueError):
 def correct_prompt_ids(
     prefix: Sequence[int],
     template_ids: Sequence[int],
-    template_prefix_len: int,
+    template_prefix_ids: Sequence[int],
     end_of_turn_id: int,
 ) -> list[int]:
     """Return the prompt ids for a new call that start exactly with `prefix`.
 
-    `template_ids` is the full re-rendered prompt; its first `template_prefix_len` ids are the
-    re-rendering of the messages up to and including the last assistant turn (which `prefix`
-    stands for). The last end-of-turn token inside that span marks where the template's own glue
-    (end-of-turn, new user/tool turns, generation prompt) begins.
+    `template_ids` is the full re-rendered prompt; `template_prefix_ids` is the rendering of the
+    messages up to and including the turn `prefix` stands for (the last assistant turn). If that
+    span holds k end-of-turn tokens, the k-th end-of-turn token of the full render closes the same
+    turn: from there on come the template's own glue (new user/tool turns, generation prompt).
 
-    >>> correct_prompt_ids([100, 2], [9, 2, 9, 2, 77, 88], 4, 2)
+    Counting, not measuring: a template may render earlier turns differently once a later message
+    follows (Qwen3 drops `<think>` from assistant turns before the last user message), so the span's
+    length says nothing about where its turn ends in the full render; the number of turns it closes
+    is the same in both.
+
+    >>> correct_prompt_ids([100, 2], [9, 2, 9, 2, 77, 88], [9, 2, 9, 2], 2)
     [100, 2, 77, 88]
     """
     if not prefix:
         return list(template_ids)
-    span = template_ids[:template_prefix_len]
-    try:
-        cut = len(span) - 1 - list(reversed(span)).index(end_of_turn_id)
-    except ValueError:
+    k = sum(1 for t in template_prefix_ids if t == end_of_turn_id)
+    if k == 0:
         raise ContiguityError(
-            f"no end-of-turn token {end_of_turn_id} in the first {template_prefix_len} template ids"
-        ) from None
+            f"no end-of-turn token {end_of_turn_id} in the {len(template_prefix_ids)} ids rendered up to the last "
+            "assistant turn: cannot locate where that turn ends")
+    ends = [i for i, t in enumerate(template_ids) if t == end_of_turn_id]
+    if len(ends) < k:
+        raise ContiguityError(
+            f"the full render closes {len(ends)} turns but the messages up to the last assistant turn close {k}: "
+            "the template drops a turn, so the turn the prefix stands for cannot be located")
+    cut = ends[k - 1]
     # A turn that stopped on end-of-turn keeps its sampled token and drops the template's copy; a
     # turn cut by max_tokens keeps all its ids and takes the end-of-turn from the template.
     base = list(prefix[:-1]) if prefix[-1] == end_of_turn_id else list(prefix)

@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from .chat import ChatRenderer
-from .engine import Engine, Generation, SamplingOptions
+from .engine import Engine, EngineAsleep, Generation, SamplingOptions
 from .onpolicy import ContiguityError
 from .protocol import (
     ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, Choice, ChoiceLogprobs,
@@ -251,6 +251,8 @@ def _guarded(handler):
             return await handler(request)
         except APIError as e:
             return e.response()
+        except EngineAsleep as e:  # a training step holds the accelerator: a retryable condition
+            return APIError(503, str(e), type_="service_unavailable", code="engine_asleep").response()
         except Exception as e:
             log.exception("request failed")
             return APIError(500, f"internal error: {e}", type_="server_error").response()

@@ -40,6 +40,8 @@ class EngineSection(_Section):
     max_num_seqs: int = Field(default=64, ge=1)
     gpu_memory_utilization: float = Field(default=0.5, gt=0, le=1)
     cpu_kv_cache_gib: int = Field(default=2, ge=1)
+    enforce_eager: bool | None = None          # None: eager on CPU, CUDA graphs + compile on GPU
+    max_num_batched_tokens: int | None = Field(default=None, ge=16)   # None: vLLM's default
 
 
 class ServerSection(_Section):
@@ -79,6 +81,7 @@ class GRPOSection(_Section):
     micro_batch_tokens: int = Field(default=2048, ge=16)
     num_minibatches: int = Field(default=1, ge=1)
     gradient_checkpointing: bool = False
+    offload_params: bool = False              # GPU: trainer weights (and reference) on CPU while vLLM generates
     checkpoint_every: int = Field(default=10, ge=1)
     eval_every: int = Field(default=0, ge=0)    # 0: no periodic evaluation
 

@@ -144,6 +144,7 @@ class GRPOLoop:
         await asyncio.to_thread(self.policy.load_checkpoint, ckpt / "policy")
         self.step, self.cursor.position = state["step"], state["data_position"]
         await asyncio.to_thread(self.store.truncate_after, self.step)
+        await asyncio.to_thread(self.policy.offload_optimizer)  # its moments came back on the GPU
         await self.engine.update_weights(self.policy.named_weights())
         log.info("resumed from %s (step %d)", ckpt, self.step)
         return True
@@ -167,8 +168,11 @@ class GRPOLoop:
         rows = self.cursor.take(g.rows_per_step)
         version = self.step  # the policy that generates has had `step` optimizer updates
 
+        # The order matters on a GPU (see engine.Engine's lifecycle): the engine sleeps before the
+        # trainer touches the GPU and its weights wake for the push only after the optimizer left.
         t0 = time.perf_counter()
-        await asyncio.to_thread(self.policy.offload_optimizer)
+        if g.offload_params:
+            await asyncio.to_thread(self.policy.offload_params)
         await self.engine.wake()
         rollouts = await collect(rows, g.group_size, self.gym, session, gym.concurrency,
                                  gym.request_timeout_s, gym.max_retries)
@@ -176,6 +180,8 @@ class GRPOLoop:
         t_gen = time.perf_counter() - t0
 
         t0 = time.perf_counter()
+        if g.offload_params:
+            await asyncio.to_thread(self.policy.reload_params)
         adv, keep = advantages_for(rollouts, self.cfg)
         samples = [TrainSample(r.sequence.token_ids, r.sequence.loss_mask, r.sequence.gen_logprobs, a)
                    for r, a, k in zip(rollouts, adv, keep) if k]
@@ -184,6 +190,7 @@ class GRPOLoop:
         if any(any(s.loss_mask) for s in samples):
             await asyncio.to_thread(self.policy.reload_optimizer)
             stats = await asyncio.to_thread(self.policy.train_step, samples)
+            await asyncio.to_thread(self.policy.offload_optimizer)
             kept = iter(stats.train_logprobs)
             train_logprobs = [next(kept) if k else [] for k in keep]
         t_train = time.perf_counter() - t0

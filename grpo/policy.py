@@ -410,11 +410,34 @@ class PolicyTrainer:
     # ---------------------------------------------------------------- memory
 
     def offload_optimizer(self) -> None:
-        """Move Adam's moments to CPU so a colocated engine can wake; a no-op on CPU."""
+        """Move Adam's moments to CPU so that vLLM's weights can come back for the push; no-op on CPU."""
         self._move_optimizer_state(torch.device("cpu"))
 
     def reload_optimizer(self) -> None:
         self._move_optimizer_state(self.device)
+
+    def offload_params(self) -> None:
+        """Move the trainer's parameters (and the reference model) to CPU while vLLM generates.
+
+        For models where the trainer and vLLM's KV cache do not both fit; costs a host round trip
+        of the weights per step. The optimizer's state is keyed by the same Parameter objects, so it
+        needs no rewiring. A no-op on CPU.
+        """
+        self._move_params(torch.device("cpu"))
+
+    def reload_params(self) -> None:
+        self._move_params(self.device)
+
+    def _move_params(self, device: torch.device) -> None:
+        if self.device.type != "cuda":
+            return
+        with self._lock:
+            self._unwrapped().to(device)
+            if self.ref_model is not None:
+                self.ref_model.to(device)
+            torch.cuda.synchronize()
+            if device.type == "cpu":
+                torch.cuda.empty_cache()
 
     def _move_optimizer_state(self, device: torch.device) -> None:
         if self.device.type != "cuda":

@@ -96,12 +96,81 @@ def test_weight_with_wrong_shape_is_refused_before_touching_the_engine(policy_se
     assert len(g.token_ids) == 2
 
 
-def test_sleep_and_wake_are_noops_on_cpu(policy_server):
-    policy_server.run(policy_server.engine.sleep())
-    policy_server.run(policy_server.engine.wake())
-    g = policy_server.run(policy_server.engine.generate(_prompt(policy_server), SamplingOptions(max_tokens=2)))
-    assert len(g.token_ids) == 2
-
-
 def test_check_weights_accepts_matching_names_and_shapes():
     check_weights([("a", torch.zeros(2, 3))], {"a": (2, 3)})
+
+
+# ---- the GPU lifecycle, run through the same calls on CPU --------------------------------------
+# On CPU vLLM's worker frees no memory, but vLLM still pauses its scheduler at sleep, tracks which
+# pools sleep and resumes only when all are awake: the order below is checked against vLLM itself.
+
+def _greedy(policy_server, n: int = 12) -> list[int]:
+    opts = SamplingOptions(temperature=0.0, max_tokens=n)
+    return policy_server.run(policy_server.engine.generate(_prompt(policy_server), opts)).token_ids
+
+
+def test_a_training_step_reaches_vllm_in_the_gpu_order(policy_server, tiny_model):
+    engine = policy_server.engine
+    weights = [(n, p.detach()) for n, p in AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+               .named_parameters()]
+    before = _greedy(policy_server)
+    engine.lifecycle.clear()
+    policy_server.run(engine.wake())          # already awake: nothing reaches vLLM
+    _greedy(policy_server)
+    policy_server.run(engine.sleep())
+    assert policy_server.run(engine.vllm_state()).sleeping
+    policy_server.run(engine.update_weights(weights))
+    assert engine.asleep_tags == {"kv_cache"}  # the push woke the weights only
+    assert policy_server.run(engine.vllm_state()).sleeping
+    policy_server.run(engine.wake())
+    assert not policy_server.run(engine.vllm_state()).sleeping
+    assert engine.lifecycle == ["sleep", "wake_up:weights", "reload_weights", "reset_prefix_cache",
+                                "wake_up:kv_cache"]
+    assert _greedy(policy_server) == before
+
+
+def test_sleep_aborts_a_request_in_flight_and_leaves_vllm_idle(policy_server):
+    from engine.engine import EngineAsleep
+
+    engine = policy_server.engine
+
+    async def in_flight_then_sleep():
+        stream = engine.stream(_prompt(policy_server), SamplingOptions(max_tokens=900, ignore_eos=True))
+        first = await stream.__anext__()      # the request is running inside vLLM
+        aborted = await engine.sleep()
+        with pytest.raises(EngineAsleep):
+            async for _ in stream:
+                pass
+        return first, aborted
+
+    try:
+        first, aborted = policy_server.run(in_flight_then_sleep())
+        assert first.token_ids and aborted == 1
+        state = policy_server.run(engine.vllm_state())
+        assert state.sleeping and not state.unfinished_requests
+    finally:
+        policy_server.run(engine.wake())
+    assert len(_greedy(policy_server, 3)) == 3
+
+
+def test_generation_while_asleep_is_refused_and_served_after_wake(policy_server):
+    import httpx
+
+    from engine.engine import EngineAsleep
+
+    engine = policy_server.engine
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
+    policy_server.run(engine.sleep())
+    try:
+        with pytest.raises(EngineAsleep):
+            _greedy(policy_server, 2)
+        r = httpx.post(f"{policy_server.base_url}/chat/completions", json=body, timeout=60)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_asleep"
+    finally:
+        policy_server.run(engine.wake())
+    assert httpx.post(f"{policy_server.base_url}/chat/completions", json=body, timeout=60).status_code == 200
+
+
+def test_wake_refuses_unknown_tags(policy_server):
+    with pytest.raises(ValueError, match="unknown sleep tags"):
+        policy_server.run(policy_server.engine.wake(["weights", "optimizer"]))
