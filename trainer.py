@@ -88,7 +88,7 @@ async def main(cfg: Config, args: argparse.Namespace) -> int:
     from starlette.applications import Starlette
 
     from dashboard.app import dashboard_routes
-    from engine.server import HTTPServer, ServerConfig, policy_routes
+    from engine.server import HTTPServer, SamplingPin, ServerConfig, policy_routes
     from gym.rollouts import collect, env_metrics, load_env_rows
     from gym.servers import GymServers
 
@@ -106,9 +106,10 @@ async def main(cfg: Config, args: argparse.Namespace) -> int:
     main_task = asyncio.current_task()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, main_task.cancel)
+    pin = SamplingPin()  # the loop declares the training temperature while it collects rollouts
     server_cfg = ServerConfig(model_name=cfg.server.model_name, api_key=cfg.server.api_key,
                               default_temperature=cfg.grpo.temperature, default_max_tokens=cfg.grpo.max_tokens,
-                              tool_parser=cfg.server.tool_parser, strict_sampling=not args.serve)
+                              tool_parser=cfg.server.tool_parser, strict_sampling=not args.serve, pin=pin)
     app = Starlette(routes=policy_routes(engine, server_cfg)
                     + dashboard_routes(Path(cfg.run.dir), gym_status=gym.status, token=cfg.server.dashboard_token))
     http = await HTTPServer.start(app, cfg.server.host, cfg.server.port)
@@ -136,7 +137,7 @@ async def main(cfg: Config, args: argparse.Namespace) -> int:
 
             store = RunStore.open(run_dir)
             policy = await asyncio.to_thread(PolicyTrainer, model_path, trainer_config(cfg), cfg.run.seed)
-            loop = GRPOLoop(cfg, engine, gym, store, policy, load_env_rows(cfg.gym, "train"))
+            loop = GRPOLoop(cfg, engine, gym, store, policy, load_env_rows(cfg.gym, "train"), pin=pin)
             store.start_run(cfg.run.name, cfg.model_dump(mode="json"), cfg.model.name)
             store.set_status("running")
             if args.resume:
@@ -170,7 +171,8 @@ def trainer_config(cfg: Config):
         micro_batch_tokens=g.micro_batch_tokens, gradient_checkpointing=g.gradient_checkpointing,
         dtype=cfg.model.dtype, temperature=g.temperature, num_minibatches=g.num_minibatches,
         loss=LossConfig(clip_low=g.clip_low, clip_high=g.clip_high, normalization=g.normalization,
-                        kl_beta=g.kl_beta, tis_cap=g.tis_cap),
+                        kl_beta=g.kl_beta, tis_cap=g.tis_cap, kl_log_ratio_clamp=g.kl_log_ratio_clamp,
+                        kl_max=g.kl_max),
     )
 
 

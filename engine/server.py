@@ -16,7 +16,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
@@ -37,6 +37,17 @@ log = logging.getLogger("engine.server")
 
 
 @dataclass
+class SamplingPin:
+    """The temperature the trainer's logprobs assume, declared by the loop while it collects rollouts.
+
+    A request sampled at any other temperature would train on ratios between two different
+    distributions without any error: while a phase is declared such requests are refused.
+    """
+
+    temperature: float | None = None   # None: no collection phase, any temperature is served
+
+
+@dataclass
 class ServerConfig:
     model_name: str = "policy"
     api_key: str | None = None
@@ -45,6 +56,7 @@ class ServerConfig:
     default_temperature: float = 1.0
     default_max_tokens: int = 512
     tool_parser: str | None = "hermes"
+    pin: SamplingPin = field(default_factory=SamplingPin)
 
 
 class APIError(Exception):
@@ -65,7 +77,6 @@ class PolicyServer:
         self.engine = engine
         self.cfg = cfg
         self.renderer = ChatRenderer(engine.tokenizer, cfg.tool_parser)
-        self.temperatures_seen: set[float] = set()
 
     # ---- helpers --------------------------------------------------------------------------------
     def _auth(self, request: Request) -> None:
@@ -119,7 +130,10 @@ class PolicyServer:
 
     def _options(self, req: ChatCompletionRequest, prompt_len: int) -> SamplingOptions:
         temperature = self.cfg.default_temperature if req.temperature is None else req.temperature
-        self.temperatures_seen.add(temperature)
+        pinned = self.cfg.pin.temperature
+        if pinned is not None and temperature != pinned:
+            raise APIError(400, f"temperature {temperature} differs from the temperature {pinned} that training "
+                                "rollouts are sampled and trained at", "temperature")
         wanted = req.max_completion_tokens or req.max_tokens or self.cfg.default_max_tokens
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         return SamplingOptions(

@@ -32,6 +32,7 @@ def group_advantages(
     baseline: Baseline = "mean",
     normalize_std: bool = True,
     eps: float = 1e-6,
+    include: Sequence[bool] | None = None,
 ) -> list[float]:
     """One advantage per rollout, in the order of `rewards`.
 
@@ -39,14 +40,24 @@ def group_advantages(
     so a rollout's own reward never lowers its own advantage's bar.
     normalize_std divides by the group's sample std (Bessel-corrected, G-1) plus eps; a group whose
     rewards are all equal has std 0 and is left undivided (its advantages are 0 anyway).
+    `include` (one flag per rollout) leaves rollouts out of their group's statistics: they get
+    advantage 0 and the rest of the group is judged as if they had never been sampled.
     """
     if baseline not in ("mean", "leave_one_out"):
         raise ValueError(f"unknown baseline {baseline!r}")
     if baseline == "leave_one_out" and group_size < 2:
         raise ValueError("leave_one_out needs group_size >= 2")
+    flags = [True] * len(rewards) if include is None else list(include)
+    if len(flags) != len(rewards):
+        raise ValueError(f"include has {len(flags)} flags for {len(rewards)} rewards")
     out: list[float] = []
-    for g in _groups(rewards, group_size):
+    for k, group in enumerate(_groups(rewards, group_size)):
+        inc = flags[k * group_size:(k + 1) * group_size]
+        g = [r for r, i in zip(group, inc) if i]
         n = len(g)
+        if n == 0 or (baseline == "leave_one_out" and n < 2):
+            out.extend([0.0] * len(group))  # no baseline to judge against
+            continue
         total = sum(g)
         mean = total / n
         if baseline == "mean":
@@ -57,7 +68,8 @@ def group_advantages(
             std = math.sqrt(sum((r - mean) ** 2 for r in g) / (n - 1))
             if std > 0.0:
                 adv = [a / (std + eps) for a in adv]
-        out.extend(adv)
+        it = iter(adv)
+        out.extend(next(it) if i else 0.0 for i in inc)
     return out
 
 

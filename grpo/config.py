@@ -73,6 +73,8 @@ class GRPOSection(_Section):
     clip_high: float = Field(default=0.28, ge=0)
     normalization: Literal["token", "sequence"] = "token"
     kl_beta: float = Field(default=0.0, ge=0)
+    kl_log_ratio_clamp: float | None = Field(default=20.0, gt=0)   # |log(ref/policy)| per token; null: none
+    kl_max: float | None = Field(default=10.0, gt=0)               # per-token KL; null: none
     tis_cap: float | None = Field(default=None, gt=0)
     lr: float = Field(default=1e-5, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)

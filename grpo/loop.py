@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 
 from engine.engine import Engine
+from engine.server import SamplingPin
 from gym.rollouts import collect, env_metrics
 from gym.servers import GymServers
 from gym.types import Rollout
@@ -92,10 +93,15 @@ def turn_index(rollout: Rollout) -> list[int]:
 
 
 def advantages_for(rollouts: list[Rollout], cfg: Config) -> tuple[list[float], list[bool]]:
-    """Group advantages, and which rollouts train (dropped groups, masked/dropped truncation)."""
+    """Group advantages, and which rollouts train.
+
+    Truncated rollouts: "keep" trains on them; "mask" keeps their reward in the group's baseline but
+    leaves them out of the loss; "drop" leaves them out of both, as if never sampled.
+    """
     g = cfg.grpo
     rewards = [r.reward for r in rollouts]
-    adv = group_advantages(rewards, g.group_size, g.baseline, g.normalize_std)
+    in_baseline = [not (g.truncated == "drop" and r.truncated) for r in rollouts]
+    adv = group_advantages(rewards, g.group_size, g.baseline, g.normalize_std, include=in_baseline)
     # an episode that overflowed on its first call has no tokens: nothing to train on
     keep = [not r.mask_sample and any(r.sequence.loss_mask) for r in rollouts]
     if g.drop_zero_variance_groups:
@@ -108,8 +114,10 @@ def advantages_for(rollouts: list[Rollout], cfg: Config) -> tuple[list[float], l
 
 class GRPOLoop:
     def __init__(self, cfg: Config, engine: Engine, gym: GymServers, store: RunStore, policy: PolicyTrainer,
-                 rows: list[dict[str, Any]], progress: Callable[[int, dict[str, float]], None] | None = None) -> None:
+                 rows: list[dict[str, Any]], progress: Callable[[int, dict[str, float]], None] | None = None,
+                 pin: SamplingPin | None = None) -> None:
         self.cfg, self.engine, self.gym, self.store, self.policy = cfg, engine, gym, store, policy
+        self.pin = pin or SamplingPin()  # shared with the policy server: it refuses other temperatures
         self.cursor = DataCursor(rows, cfg.run.seed)
         self.step = 0
         self.progress = progress
@@ -149,6 +157,11 @@ class GRPOLoop:
         log.info("resumed from %s (step %d)", ckpt, self.step)
         return True
 
+    @property
+    def sampling(self) -> dict[str, float]:
+        """What every training row is sampled with: the trainer's temperature and no truncation."""
+        return {"temperature": self.cfg.grpo.temperature, "top_p": 1.0}
+
     # ---- one step ---------------------------------------------------------------------------------
     async def run(self, session: aiohttp.ClientSession) -> None:
         self.lag.start()
@@ -174,8 +187,12 @@ class GRPOLoop:
         if g.offload_params:
             await asyncio.to_thread(self.policy.offload_params)
         await self.engine.wake()
-        rollouts = await collect(rows, g.group_size, self.gym, session, gym.concurrency,
-                                 gym.request_timeout_s, gym.max_retries)
+        self.pin.temperature = g.temperature
+        try:
+            rollouts = await collect(rows, g.group_size, self.gym, session, gym.concurrency, gym.request_timeout_s,
+                                     gym.max_retries, sampling=self.sampling)
+        finally:
+            self.pin.temperature = None
         await self.engine.sleep()
         t_gen = time.perf_counter() - t0
 
@@ -225,6 +242,7 @@ class GRPOLoop:
             "rollouts_trained": float(sum(keep)),
             "generated_tokens_mean": statistics.fmean(sum(r.sequence.loss_mask) for r in rollouts),
             "turns_mean": statistics.fmean(r.num_turns for r in rollouts),
+            "injected_messages": float(sum(r.num_injected for r in rollouts)),
             "advantage_abs_mean": statistics.fmean(abs(a) for a in adv),
         }
         for k, v in env_metrics(rollouts).items():
@@ -234,7 +252,8 @@ class GRPOLoop:
             m.update(loss=stats.loss, kl=stats.kl, entropy=stats.entropy, clip_low_frac=stats.clip_low_frac,
                      clip_high_frac=stats.clip_high_frac, clip_frac=stats.clip_low_frac + stats.clip_high_frac,
                      grad_norm=stats.grad_norm, token_mult_prob_error=stats.token_mult_prob_error,
-                     gen_kl_error=stats.gen_kl_error, lr=stats.lr, tis_capped_frac=stats.tis_capped_frac)
+                     gen_kl_error=stats.gen_kl_error, lr=stats.lr, tis_capped_frac=stats.tis_capped_frac,
+                     minibatches=float(stats.num_minibatches), skipped_optimizer_steps=float(stats.skipped_steps))
         return m
 
     def _records(self, rollouts: list[Rollout], adv: list[float], train_logprobs: list[list[float]],

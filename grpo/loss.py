@@ -35,6 +35,9 @@ class LossConfig:
     normalization: Literal["token", "sequence"] = "token"
     kl_beta: float = 0.0
     tis_cap: float | None = None  # truncated importance sampling cap C; None = no IS weight
+    # NeMo RL's defaults: a token the reference finds near-impossible must not blow the KL up
+    kl_log_ratio_clamp: float | None = 20.0  # |log(ref/policy)| before k3; None = no clamp
+    kl_max: float | None = 10.0  # per-token KL after k3; None = no clamp
 
     def __post_init__(self) -> None:
         if self.normalization not in ("token", "sequence"):
@@ -45,6 +48,10 @@ class LossConfig:
             raise ValueError(f"kl_beta must be >= 0, got {self.kl_beta}")
         if self.tis_cap is not None and self.tis_cap <= 0.0:
             raise ValueError(f"tis_cap must be > 0, got {self.tis_cap}")
+        for name in ("kl_log_ratio_clamp", "kl_max"):
+            v = getattr(self, name)
+            if v is not None and v <= 0.0:
+                raise ValueError(f"{name} must be > 0 or None, got {v}")
 
 
 def k3(log_ratio: Tensor) -> Tensor:
@@ -103,7 +110,12 @@ def policy_loss(
 
     kl = torch.zeros_like(per_token)
     if ref_logprobs is not None:
-        kl = k3(sel(ref_logprobs.detach()) - logp)
+        log_ratio = sel(ref_logprobs.detach()) - logp
+        if cfg.kl_log_ratio_clamp is not None:
+            log_ratio = log_ratio.clamp(-cfg.kl_log_ratio_clamp, cfg.kl_log_ratio_clamp)
+        kl = k3(log_ratio)
+        if cfg.kl_max is not None:
+            kl = kl.clamp(max=cfg.kl_max)
         if cfg.kl_beta > 0.0:
             per_token = per_token + cfg.kl_beta * kl
 

@@ -83,6 +83,23 @@ class TrainStats:
     tis_capped_frac: float = 0.0
     lr: float = 0.0
     skipped_steps: int = 0  # optimizer steps skipped for a non-finite gradient norm
+    num_minibatches: int = 1  # optimizer steps planned this step (fewer than configured when few samples)
+
+
+def output_logits(model: torch.nn.Module, hidden: Tensor) -> Tensor:
+    """The model's logits for these final hidden states: its LM head, then whatever its own forward
+    does after the head (the token-selective forward calls the head directly and must not skip it)."""
+    logits = model.get_output_embeddings()(hidden)
+    cfg = model.config
+    if getattr(cfg, "logits_scaling", None):  # Granite
+        logits = logits / cfg.logits_scaling
+    scale = getattr(model, "logit_scale", None)  # Cohere
+    if isinstance(scale, (int, float)):
+        logits = logits * scale
+    cap = getattr(cfg, "final_logit_softcapping", None)  # Gemma 2 / 3
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
 
 
 def pack_micro_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
@@ -155,6 +172,25 @@ class PolicyTrainer:
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self.step = 0  # optimizer steps taken
         self._offloaded = False
+        self._check_selective_forward(model_path)
+
+    def _check_selective_forward(self, model_path: str) -> None:
+        """Refuse a model whose forward post-processes logits in a way `output_logits` does not know:
+        training would silently use other logprobs than the engine samples from."""
+        n = min(12, self.vocab_size)
+        ids = torch.arange(1, n + 1, device=self.device)[None] % self.vocab_size
+        attn = torch.ones_like(ids)
+        need = torch.ones_like(ids)
+        need[:, 0] = 0
+        with torch.no_grad():
+            self.model.eval()
+            full, _ = self._forward(self.model, ids, attn)
+            selective, _ = self._forward(self.model, ids, attn, need=need)
+        gap = float((full - selective).abs().max())
+        if gap > (2e-2 if self.bf16 else 1e-3):
+            raise ValueError(
+                f"{model_path}: the model's forward changes its logits after the LM head in a way this trainer "
+                f"does not reproduce (logprobs differ by {gap:.3g}); add its post-processing to grpo.policy.output_logits")
 
     # ---------------------------------------------------------------- forward
 
@@ -184,7 +220,7 @@ class PolicyTrainer:
             where = need[:, 1:].bool()  # the logprob of token t comes from position t-1
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 hidden = inner.get_decoder()(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
-                logits = inner.get_output_embeddings()(hidden[:, :-1][where])
+                logits = output_logits(inner, hidden[:, :-1][where])
             logp = torch.log_softmax(logits.float() / self.cfg.temperature, dim=-1)
             picked = logp.gather(-1, ids[:, 1:][where][:, None]).squeeze(-1)
             lp = F.pad(torch.zeros(where.shape, dtype=picked.dtype, device=ids.device).masked_scatter(where, picked),
@@ -244,8 +280,6 @@ class PolicyTrainer:
                 raise ValueError(f"sample {k}: advantage {s.advantage} is not finite")
         if sum(sum(s.loss_mask) for s in samples) == 0:
             raise ValueError("the batch has no model tokens")
-        if len(samples) < self.cfg.num_minibatches:
-            raise ValueError(f"{len(samples)} samples cannot fill {self.cfg.num_minibatches} minibatches")
 
     def train_step(self, samples: list[TrainSample]) -> TrainStats:
         self._validate(samples)
@@ -258,14 +292,17 @@ class PolicyTrainer:
         cfg = self.cfg
         rows = [s.token_ids for s in samples]
         old_all: list[Tensor] | None = None
-        if cfg.num_minibatches > 1:
+        if min(cfg.num_minibatches, len(samples)) > 1:
             # later minibatches train on weights that earlier ones moved: their ratio needs the
             # logprobs from before the first update
             self.model.eval()
             old_all = self._no_grad_logprobs(self.model, rows)
 
         n = len(samples)
-        bounds = [round(k * n / cfg.num_minibatches) for k in range(cfg.num_minibatches + 1)]
+        # Filtering (zero-variance groups, truncation, masked samples) can leave fewer samples than
+        # configured minibatches: then each sample is its own minibatch (reported in the stats).
+        minibatches = min(cfg.num_minibatches, n)
+        bounds = [round(k * n / minibatches) for k in range(minibatches + 1)]
         sums = dict.fromkeys(METRIC_KEYS, 0.0)
         train_logprobs: list[list[float]] = [[] for _ in samples]
         losses: list[float] = []
@@ -337,6 +374,7 @@ class PolicyTrainer:
             tis_capped_frac=sums["tis_capped"] / tokens,
             lr=lr,
             skipped_steps=skipped,
+            num_minibatches=minibatches,
         )
 
     # ---------------------------------------------------------------- weights

@@ -89,6 +89,13 @@ def gym_body(row: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in row.items() if not k.startswith(_PRIVATE_PREFIX)}
 
 
+def with_sampling(body: dict[str, Any], sampling: dict[str, Any] | None) -> dict[str, Any]:
+    if not sampling:
+        return body
+    params = {**(body.get("responses_create_params") or {}), **sampling}
+    return {**body, "responses_create_params": params}
+
+
 # -- collection -------------------------------------------------------------------------------
 async def collect(
     rows: list[dict[str, Any]],
@@ -98,12 +105,18 @@ async def collect(
     concurrency: int,
     timeout_s: float,
     max_retries: int,
+    sampling: dict[str, Any] | None = None,
 ) -> list[Rollout]:
-    """G rollouts of every row, ordered row by row, then by group index."""
+    """G rollouts of every row, ordered row by row, then by group index.
+
+    `sampling` (e.g. temperature, top_p) overwrites those keys of every row's
+    `responses_create_params`: what a row or its agent asks for must not change the distribution
+    the trainer assumes.
+    """
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
     semaphore = asyncio.Semaphore(concurrency)
-    bodies = [gym_body(row) for row in rows]
+    bodies = [with_sampling(gym_body(row), sampling) for row in rows]
 
     async def one(row_index: int, group_index: int) -> Rollout:
         row = rows[row_index]
@@ -168,12 +181,19 @@ def to_rollout(
         latency_s=latency_s,
         result=result,
         attempts=attempts,
+        num_injected=shape.num_injected,
     )
 
 
 # -- metrics ----------------------------------------------------------------------------------
+# Fields of a verify response that env_metrics already reports under its own names.
+_REPORTED_FIELDS = frozenset({"reward", "mask_sample"})
+
+
 def env_metrics(rollouts: list[Rollout]) -> dict[str, float]:
-    """Per environment: reward mean/std/min/max, turns, tool calls, truncation, failures."""
+    """Per environment: reward mean/std/min/max, turns, tool calls, truncation, failures, and the
+    mean of every other numeric field the environment's verify response carries (`verify_<field>`),
+    so environment-specific metrics reach the store without a list to keep up to date."""
     by_env: dict[str, list[Rollout]] = defaultdict(list)
     for r in rollouts:
         by_env[r.env].append(r)
@@ -191,6 +211,14 @@ def env_metrics(rollouts: list[Rollout]) -> dict[str, float]:
         out[f"{env}/truncation_rate"] = sum(r.truncated for r in rs) / n
         out[f"{env}/failure_count"] = float(sum(r.failure is not None for r in rs))
         out[f"{env}/mask_sample_count"] = float(sum(r.mask_sample for r in rs))
+        out[f"{env}/injected_messages"] = float(sum(r.num_injected for r in rs))
         out[f"{env}/latency_mean_s"] = sum(r.latency_s for r in rs) / n
         out[f"{env}/rollouts"] = n
+        fields: dict[str, list[float]] = defaultdict(list)
+        for r in rs:
+            for k, v in r.result.items():
+                if k not in _REPORTED_FIELDS and isinstance(v, (int, float)) and math.isfinite(v):
+                    fields[k].append(float(v))  # bools count as 0/1
+        for k, vs in sorted(fields.items()):
+            out[f"{env}/verify_{k}"] = sum(vs) / len(vs)  # over the rollouts that carry the field
     return out

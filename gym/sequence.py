@@ -45,6 +45,11 @@ class _Call:
         return sum(1 for it in self.items if it.get("type") == "function_call")
 
     @property
+    def injected(self) -> bool:
+        """Assistant text the agent wrote into the output itself: the policy never sampled it."""
+        return self.ids_item is None and (_has_text(self) or self.tool_calls > 0)
+
+    @property
     def says_something(self) -> bool:
         """A reply (not only tool calls) that the model actually generated (an overflow did not)."""
         return self.ids_item is not None and any(_is_assistant_message(it) for it in self.items)
@@ -57,6 +62,7 @@ class EpisodeShape:
     num_turns: int            # generated calls that answered with a message (not only tool calls)
     truncated: bool
     truncation: str | None    # "context_overflow" | "max_output_tokens" | None
+    num_injected: int = 0     # assistant items with text but no ids (written by the agent, not sampled)
 
 
 def _is_assistant_message(item: dict[str, Any]) -> bool:
@@ -97,7 +103,7 @@ def split_calls(result: dict[str, Any]) -> list[_Call]:
 def episode_shape(result: dict[str, Any]) -> EpisodeShape:
     calls = split_calls(result)
     truncation = None
-    if any(c.ids_item is None for c in calls):
+    if any(c.ids_item is None and not c.injected for c in calls):
         truncation = "context_overflow"
     else:
         response = result.get("response") or {}
@@ -109,24 +115,25 @@ def episode_shape(result: dict[str, Any]) -> EpisodeShape:
         if reason == "max_output_tokens" or hit_limit:
             truncation = "max_output_tokens"
     return EpisodeShape(
-        num_model_calls=len(calls),
-        num_tool_calls=sum(c.tool_calls for c in calls),
+        num_model_calls=sum(1 for c in calls if not c.injected),
+        num_tool_calls=sum(c.tool_calls for c in calls if not c.injected),
         num_turns=sum(1 for c in calls if c.says_something),
         truncated=truncation is not None,
         truncation=truncation,
+        num_injected=sum(1 for c in calls if c.injected),
     )
 
 
 def build_sequence(result: dict[str, Any], rollout_name: str) -> TokenSequence:
     """The rollout's ids once each, in order: prompt/tool/template ids mask 0, sampled ids mask 1."""
     calls = split_calls(result)
-    for call in calls:
-        # An overflowed call is an empty message; one that said something yet has no ids means the
-        # adapter never asked the policy for ids.
-        if call.ids_item is None and (_has_text(call) or call.tool_calls):
-            raise MissingTokenIdsError(
-                f"{rollout_name}: the model answered but its output carries no token ids; the policy "
-                "model config needs return_token_id_information: true")
+    # An overflowed call is an empty message. Text without ids is either the agent's own (an
+    # injected message, kept as context: it reaches the sequence through the next call's prompt,
+    # mask 0) or, when no call at all carries ids, an adapter that never asked the policy for them.
+    if any(c.injected for c in calls) and all(c.ids_item is None for c in calls):
+        raise MissingTokenIdsError(
+            f"{rollout_name}: the model answered but its output carries no token ids; the policy "
+            "model config needs return_token_id_information: true")
     with_ids = [c for c in calls if c.ids_item is not None]
     seq = TokenSequence(token_ids=[], loss_mask=[], gen_logprobs=[], calls=[])
     for n, call in enumerate(with_ids):

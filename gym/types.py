@@ -48,6 +48,7 @@ class Rollout:
     latency_s: float
     result: dict[str, Any]    # the full Gym /run result, for the store
     attempts: int = 1         # posts needed (retries after connection errors or server restarts)
+    num_injected: int = 0     # assistant messages the agent wrote itself (no ids): context, never trained on
 
 
 @dataclass

@@ -31,6 +31,7 @@ class PolicyHandle:
     model_name: str
     engine: Any              # engine.engine.Engine
     loop: asyncio.AbstractEventLoop
+    pin: Any                 # engine.server.SamplingPin the server checks temperatures against
 
     def run(self, coro: Coroutine) -> Any:
         """Run a coroutine on the server's loop (where the engine lives) and wait for it."""
@@ -63,18 +64,19 @@ def policy_server(tiny_model: str) -> Iterator[PolicyHandle]:
     from starlette.applications import Starlette
 
     from engine.engine import Engine, EngineConfig
-    from engine.server import HTTPServer, ServerConfig, policy_routes
+    from engine.server import HTTPServer, SamplingPin, ServerConfig, policy_routes
 
     lt = _LoopThread()
+    pin = SamplingPin()
 
     async def start() -> tuple[Engine, HTTPServer]:
         engine = await Engine(EngineConfig(model=tiny_model, max_model_len=1024, seed=0)).start()
-        app = Starlette(routes=policy_routes(engine, ServerConfig(model_name="tiny", default_max_tokens=32)))
+        app = Starlette(routes=policy_routes(engine, ServerConfig(model_name="tiny", default_max_tokens=32, pin=pin)))
         return engine, await HTTPServer.start(app, "127.0.0.1", 0)
 
     engine, http = lt.run(start())
     root = f"http://127.0.0.1:{http.port}"
-    yield PolicyHandle(f"{root}/v1", root, "tiny", engine, lt.loop)
+    yield PolicyHandle(f"{root}/v1", root, "tiny", engine, lt.loop, pin)
     lt.run(http.stop())
     lt.run(engine.shutdown())
     lt.close()

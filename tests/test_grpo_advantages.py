@@ -45,3 +45,13 @@ def test_rewards_that_do_not_fill_whole_groups_are_an_error():
 
 def test_zero_variance_groups_flags_groups_with_no_signal():
     assert zero_variance_groups([1, 1, 0, 1, 2, 2], 2) == [True, False, True]
+
+
+def test_rollouts_left_out_of_the_baseline_get_zero_and_do_not_move_it():
+    # the 4th rollout is out: baseline = mean(1, 0, 0) = 1/3
+    adv = group_advantages([1, 0, 0, 1], 4, normalize_std=False, include=[True, True, True, False])
+    assert adv == pytest.approx([2 / 3, -1 / 3, -1 / 3, 0.0])
+
+
+def test_a_group_with_one_rollout_left_has_no_leave_one_out_baseline():
+    assert group_advantages([1, 0], 2, "leave_one_out", include=[True, False]) == [0.0, 0.0]

@@ -135,3 +135,17 @@ def test_extreme_values_outside_the_mask_do_not_poison_the_loss():
     assert loss.item() == pytest.approx(-1.0)
     assert torch.isfinite(logp.grad).all()
     assert m["token_mult_prob_error"] == 1.0
+
+
+def test_kl_log_ratio_and_per_token_kl_are_clamped():
+    # policy logp 0, reference -30: log(ref/policy) = -30 -> clamped to -20 -> k3 = e^-20 + 19 -> capped at 10
+    logp = t([[0.0, 0.0, 0.0]]).requires_grad_()
+    ref = t([[0.0, -30.0, -1.0]])
+    mask = t([[0, 1, 1]])
+    loss, m = loss_of(logp, logp, logp, t([0.0]), mask, LossConfig(kl_beta=1.0), ref_logprobs=ref)
+    small = math.exp(-1.0) + 1.0 - 1.0          # k3(-1) = e^-1, untouched by either clamp
+    assert m["kl"] == pytest.approx(10.0 + small)
+    assert loss.item() == pytest.approx((10.0 + small) / 2)
+    unclamped, m2 = loss_of(logp, logp, logp, t([0.0]), mask,
+                            LossConfig(kl_beta=1.0, kl_log_ratio_clamp=None, kl_max=None), ref_logprobs=ref)
+    assert m2["kl"] == pytest.approx(math.exp(-30.0) + 29.0 + small)

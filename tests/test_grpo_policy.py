@@ -232,3 +232,44 @@ def test_engine_and_trainer_logprobs_agree_after_a_weight_push(policy_server, mo
         assert mult_error(ids, gen) == pytest.approx(1.0, abs=1e-3)
     finally:
         policy_server.run(engine.update_weights(original))
+
+
+def test_token_selective_forward_applies_the_models_own_logit_scaling(tmp_path):
+    # Granite divides its logits by `logits_scaling` after the LM head; training must do the same
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    cfg = GraniteConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=2, logits_scaling=4.0, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    GraniteForCausalLM(cfg).save_pretrained(tmp_path)
+    trainer = PolicyTrainer(str(tmp_path), TrainerConfig(dtype="float32", temperature=0.7), seed=0)
+    ids = torch.tensor([[5, 17, 33, 2, 60, 61, 62]])
+    need = torch.tensor([[0, 0, 0, 0, 1, 1, 1]])
+    with torch.no_grad():
+        full, _ = trainer._forward(trainer.model, ids, torch.ones_like(ids))
+        selective, _ = trainer._forward(trainer.model, ids, torch.ones_like(ids), need=need)
+        logits = GraniteForCausalLM.from_pretrained(tmp_path).eval()(ids).logits[0, 3:6] / 0.7
+    want = torch.log_softmax(logits, -1).gather(-1, ids[0, 4:, None])[:, 0]
+    torch.testing.assert_close(selective[0, 4:], want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(selective[0, 4:], full[0, 4:], rtol=0, atol=1e-5)
+
+
+def test_a_model_with_unknown_logit_post_processing_is_refused(tmp_path, monkeypatch):
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    import grpo.policy
+
+    cfg = GraniteConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=2, logits_scaling=4.0)
+    GraniteForCausalLM(cfg).save_pretrained(tmp_path)
+    # as if the trainer knew nothing of Granite's scaling: the head's raw logits
+    monkeypatch.setattr(grpo.policy, "output_logits", lambda model, h: model.get_output_embeddings()(h))
+    with pytest.raises(ValueError, match="changes its logits after the LM head"):
+        PolicyTrainer(str(tmp_path), TrainerConfig(dtype="float32"), seed=0)
+
+
+def test_fewer_samples_than_minibatches_trains_one_minibatch_per_sample(model_dir, rollouts):
+    # filtering left 3 samples for 4 configured minibatches: no error, 3 optimizer steps
+    trainer = PolicyTrainer(model_dir, TrainerConfig(lr=1e-4, num_minibatches=4, dtype="float32"), seed=0)
+    stats = trainer.train_step(make_samples(trainer, rollouts, [1.0, -0.5, 2.0]))
+    assert (stats.num_minibatches, trainer.step, stats.skipped_steps) == (3, 3, 0)

@@ -71,3 +71,26 @@ def test_env_metrics_per_environment():
     assert m["bj/turns_mean"] == 2.0
     assert m["bj/failure_count"] == 1.0
     assert m["bj/rollouts"] == 2.0
+
+
+def test_every_numeric_field_of_a_verify_response_is_averaged_per_environment():
+    rollouts = [
+        to_rollout(dict(BLACKJACK, judge_score=0.25, note="text is not a metric"), 0, 0, "bj", "b", 1.0),
+        to_rollout(dict(BLACKJACK, terminated=False), 0, 1, "bj", "b", 1.0),
+        to_rollout(SINGLE_TURN, 0, 0, "sm", "a", 1.0),
+    ]
+    m = env_metrics(rollouts)
+    assert m["bj/verify_terminated"] == 0.5      # a bool counts as 0/1
+    assert m["bj/verify_truncated"] == 0.0
+    assert m["bj/verify_judge_score"] == 0.25    # over the rollouts that carry it
+    assert "bj/verify_note" not in m and "bj/verify_reward" not in m
+    assert not any(k.startswith("sm/verify_") for k in m)
+
+
+def test_training_sampling_overwrites_what_a_row_asks_for():
+    from gym.rollouts import with_sampling
+
+    row = {"responses_create_params": {"input": "hi", "temperature": 0.7, "top_p": 0.9}, "agent_ref": {"name": "a"}}
+    body = with_sampling(row, {"temperature": 1.0, "top_p": 1.0})
+    assert body["responses_create_params"] == {"input": "hi", "temperature": 1.0, "top_p": 1.0}
+    assert row["responses_create_params"]["temperature"] == 0.7   # the dataset row itself is untouched

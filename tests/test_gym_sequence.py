@@ -147,11 +147,11 @@ def test_an_earlier_call_at_the_token_limit_counts_as_truncated():
 
 def test_episode_counts():
     assert episode_shape(SINGLE_TURN).__dict__ == {
-        "num_model_calls": 1, "num_tool_calls": 0, "num_turns": 1, "truncated": False, "truncation": None}
+        "num_model_calls": 1, "num_tool_calls": 0, "num_turns": 1, "truncated": False, "truncation": None, "num_injected": 0}
     assert episode_shape(TOOL_CALL).__dict__ == {
-        "num_model_calls": 2, "num_tool_calls": 1, "num_turns": 1, "truncated": False, "truncation": None}
+        "num_model_calls": 2, "num_tool_calls": 1, "num_turns": 1, "truncated": False, "truncation": None, "num_injected": 0}
     assert episode_shape(BLACKJACK).__dict__ == {
-        "num_model_calls": 2, "num_tool_calls": 0, "num_turns": 2, "truncated": False, "truncation": None}
+        "num_model_calls": 2, "num_tool_calls": 0, "num_turns": 2, "truncated": False, "truncation": None, "num_injected": 0}
 
 
 def test_a_reply_without_token_ids_means_the_adapter_was_not_asked_for_them():
@@ -175,3 +175,16 @@ def test_reasoning_and_message_of_one_call_are_one_call():
     result["response"]["output"].insert(0, {"type": "reasoning", "summary": [{"type": "summary_text", "text": "hm"}]})
     assert episode_shape(result).num_model_calls == 1
     assert build_sequence(result, "sm/row0/g0").token_ids == [11, 12, 13, 7, 8, 2]
+
+
+def test_assistant_text_the_agent_injected_is_context_not_a_model_call():
+    # the agent wrote an assistant message itself (no ids); the next call's prompt holds its tokens
+    result = copy.deepcopy(BLACKJACK)
+    out = result["response"]["output"]
+    out.insert(1, {"type": "message", "role": "assistant", "content": _text("(dealer is thinking)")})
+    out[3]["prompt_token_ids"] = [11, 12, 13, 7, 8, 2, 41, 42, 31, 32, 33]
+    seq = build_sequence(result, "bj/row0/g0")
+    assert seq.token_ids == [11, 12, 13, 7, 8, 2, 41, 42, 31, 32, 33, 5, 2]
+    assert seq.loss_mask == [0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 1, 1]
+    shape = episode_shape(result)
+    assert (shape.num_injected, shape.num_model_calls, shape.truncated) == (1, 2, False)

@@ -160,3 +160,18 @@ def test_tokenize_renders_messages_like_the_chat_endpoint(policy_server, client)
 
 def test_health(policy_server):
     assert httpx.get(f"{policy_server.root_url}/health").json()["status"] == "ok"
+
+
+def test_a_temperature_other_than_the_declared_training_one_is_refused_naming_both(client, policy_server):
+    policy_server.pin.temperature = 1.0       # what the loop declares while it collects rollouts
+    try:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="tiny", messages=ASK, max_tokens=2, temperature=0.7)
+        assert e.value.body["param"] == "temperature"
+        assert "temperature 0.7 differs from the temperature 1.0" in e.value.body["message"]
+        ok = client.chat.completions.create(model="tiny", messages=ASK, max_tokens=2, temperature=1.0)
+        assert ok.choices[0].finish_reason in ("stop", "length")
+    finally:
+        policy_server.pin.temperature = None
+    # outside a collection phase any temperature is served
+    client.chat.completions.create(model="tiny", messages=ASK, max_tokens=2, temperature=0.7)

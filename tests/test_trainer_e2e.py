@@ -45,8 +45,15 @@ def test_step_metrics_include_the_time_split_and_loop_lag(short_run):
     cols = {r[1] for r in q(short_run.db, "PRAGMA table_info(steps)")}
     for key in ("reward_mean", "loss", "kl", "entropy", "clip_frac", "grad_norm", "token_mult_prob_error",
                 "gen_kl_error", "truncation_rate", "tokens_per_s", "time_generation_s", "time_training_s",
-                "time_weight_sync_s", "time_logging_s", "loop_lag_p99_ms", "reward_addition_mean"):
+                "time_weight_sync_s", "time_logging_s", "loop_lag_p99_ms", "reward_addition_mean", "minibatches",
+                "injected_messages", "skipped_optimizer_steps"):
         assert key in cols, key
+
+
+def test_every_row_was_sent_at_the_training_temperature(short_run):
+    # the shipped rows name no temperature; the loop sets grpo.temperature (1.0) and top_p 1 on each
+    params = [json.loads(r[0])["responses_create_params"] for r in q(short_run.db, "SELECT result FROM rollouts")]
+    assert params and all((p["temperature"], p["top_p"]) == (1.0, 1.0) for p in params)
 
 
 def test_gym_result_is_stored_whole(short_run):

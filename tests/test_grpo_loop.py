@@ -1,0 +1,41 @@
+"""The loop's choices per step: which rollouts train and what they are judged against."""
+
+from pathlib import Path
+
+import pytest
+
+from grpo.config import load_config
+from grpo.loop import advantages_for
+from gym.rollouts import to_rollout
+from tests.test_gym_sequence import MAX_TOKENS, SINGLE_TURN
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _group():
+    # rewards 1, 0, 0, 1; the third stopped at its token limit
+    results = [SINGLE_TURN, dict(SINGLE_TURN, reward=0.0), MAX_TOKENS, SINGLE_TURN]
+    return [to_rollout(r, 0, g, "sm", "a", 1.0) for g, r in enumerate(results)]
+
+
+def _cfg(truncated: str):
+    return load_config(ROOT / "config.yaml", {"grpo.truncated": truncated, "grpo.normalize_std": False,
+                                              "grpo.rows_per_step": 1, "grpo.group_size": 4})
+
+
+def test_truncated_drop_leaves_the_rollout_out_of_the_baseline_and_the_loss():
+    adv, keep = advantages_for(_group(), _cfg("drop"))
+    assert adv == pytest.approx([1 / 3, -2 / 3, 0.0, 1 / 3])   # baseline mean(1, 0, 1)
+    assert keep == [True, True, False, True]
+
+
+def test_truncated_mask_keeps_the_rollout_in_the_baseline_but_out_of_the_loss():
+    adv, keep = advantages_for(_group(), _cfg("mask"))
+    assert adv == pytest.approx([0.5, -0.5, -0.5, 0.5])        # baseline mean(1, 0, 0, 1)
+    assert keep == [True, True, False, True]
+
+
+def test_truncated_keep_trains_on_everything():
+    adv, keep = advantages_for(_group(), _cfg("keep"))
+    assert adv == pytest.approx([0.5, -0.5, -0.5, 0.5])
+    assert keep == [True] * 4
