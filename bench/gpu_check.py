@@ -57,8 +57,9 @@ def free_gib() -> float | None:
 
 def prompts(engine: Engine) -> list[list[int]]:
     tok = engine.tokenizer
-    return [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
-            for p in PROMPTS]
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+             for p in PROMPTS]
+    return [tok.encode(t, add_special_tokens=False) for t in texts]
 
 
 async def greedy(engine: Engine, ps: list[list[int]], n: int = 24) -> list[list[int]]:
