@@ -92,6 +92,10 @@ class EngineDead(RuntimeError):
     pass
 
 
+class InvalidRequest(ValueError):
+    """vLLM refused the request's parameters or prompt: the caller's fault, not the engine's."""
+
+
 class EngineAsleep(RuntimeError):
     """A generation was asked for (or was in flight) while the engine sleeps for training."""
 
@@ -127,6 +131,7 @@ class Engine:
         self.tokenizer: Any = None
         self.weight_shapes: dict[str, tuple[int, ...]] = {}
         self.weight_version = 0
+        self.max_token_id = 0  # the largest id vLLM accepts in a prompt (model or tokenizer vocab)
         # The GPU lifecycle, per vLLM memory pool: which pools sleep now. Only the engine thread's
         # commands change it; the same transitions run on CPU, where vLLM's worker makes the memory
         # part a no-op but still pauses its scheduler and tracks the sleeping tags.
@@ -176,6 +181,7 @@ class Engine:
             self._llm = self._make_llm()
             self.tokenizer = self._llm.get_tokenizer()
             self.weight_shapes = _checkpoint_shapes(self.cfg.model)
+            self.max_token_id = max(len(self.tokenizer), self._llm.llm_engine.model_config.get_vocab_size()) - 1
         except BaseException as e:  # report start failures to the awaiting coroutine
             loop.call_soon_threadsafe(_settle, ready, e, None)
             return
@@ -216,6 +222,8 @@ class Engine:
                 return
             try:
                 self._llm.llm_engine.add_request(rid, {"prompt_token_ids": prompt_ids}, params)
+            except _client_errors() as e:  # vLLM's validation (token ids, lengths, parameters)
+                self._push(rid, InvalidRequest(str(e)))
             except Exception as e:
                 self._push(rid, e)
             return
@@ -270,22 +278,26 @@ class Engine:
     def max_model_len(self) -> int:
         return self.cfg.max_model_len
 
-    def _params(self, opts: SamplingOptions) -> Any:
+    def sampling_params(self, opts: SamplingOptions) -> Any:
+        """vLLM's sampling parameters; InvalidRequest when vLLM refuses them."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        return SamplingParams(
-            temperature=opts.temperature,
-            max_tokens=opts.max_tokens,
-            seed=opts.seed,
-            stop=opts.stop or None,
-            stop_token_ids=opts.stop_token_ids or None,
-            ignore_eos=opts.ignore_eos,
-            logprobs=0,  # the sampled token's own logprob
-            output_kind=RequestOutputKind.DELTA,
-            # top-k / top-p / min-p stay off: they would make the sampling distribution differ
-            # from the one the trainer's logprobs describe
-        )
+        try:
+            return SamplingParams(
+                temperature=opts.temperature,
+                max_tokens=opts.max_tokens,
+                seed=opts.seed,
+                stop=opts.stop or None,
+                stop_token_ids=opts.stop_token_ids or None,
+                ignore_eos=opts.ignore_eos,
+                logprobs=0,  # the sampled token's own logprob
+                output_kind=RequestOutputKind.DELTA,
+                # top-k / top-p / min-p stay off: they would make the sampling distribution differ
+                # from the one the trainer's logprobs describe
+            )
+        except _client_errors() as e:
+            raise InvalidRequest(str(e)) from None
 
     async def stream(self, prompt_ids: list[int], opts: SamplingOptions) -> AsyncIterator[Delta]:
         """Yield the request's new tokens as the engine produces them; aborts if abandoned."""
@@ -293,10 +305,11 @@ class Engine:
         if self.asleep_tags:
             raise EngineAsleep(f"the engine sleeps ({', '.join(sorted(self.asleep_tags))}) for a training step; "
                                "retry after it")
+        params = self.sampling_params(opts)
         rid = f"req-{next(self._ids)}"
         q: asyncio.Queue = asyncio.Queue()
         self._streams[rid] = (asyncio.get_running_loop(), q)
-        self._cmds.put(("add", (rid, list(prompt_ids), self._params(opts))))
+        self._cmds.put(("add", (rid, list(prompt_ids), params)))
         done = False
         try:
             while not done:
@@ -449,6 +462,15 @@ def _checkpoint_shapes(model: str) -> dict[str, tuple[int, ...]]:
             for name in st.keys():
                 shapes[name] = tuple(st.get_slice(name).get_shape())
     return shapes
+
+
+def _client_errors() -> tuple[type[BaseException], ...]:
+    """What vLLM raises for a bad request: VLLMClientError in newer versions, ValueError in older."""
+    try:
+        from vllm.exceptions import VLLMClientError
+    except ImportError:
+        return (ValueError, TypeError, OverflowError)
+    return (ValueError, TypeError, OverflowError, VLLMClientError)
 
 
 def _logprob_of(entry: Any, token_id: int) -> float:

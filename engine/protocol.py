@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # NaN / Infinity never reach the engine as a temperature or a logprob
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class FunctionCall(_Lenient):
@@ -76,7 +77,7 @@ def _json_or_str(arguments: str) -> Any:
 class ChatCompletionRequest(_Lenient):
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
-    temperature: float | None = Field(default=None, ge=0)
+    temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = None
     top_k: int | None = None
     min_p: float | None = None
@@ -86,7 +87,7 @@ class ChatCompletionRequest(_Lenient):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)   # what torch's generator takes
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=0)
     tools: list[dict[str, Any]] | None = None

@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from .chat import ChatRenderer
-from .engine import Engine, EngineAsleep, Generation, SamplingOptions
+from .engine import Engine, EngineAsleep, Generation, InvalidRequest, SamplingOptions
 from .onpolicy import ContiguityError
 from .protocol import (
     ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, Choice, ChoiceLogprobs,
@@ -65,9 +65,11 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.type, self.code = status, message, param, type_, code
 
-    def response(self) -> JSONResponse:
+    def response(self) -> Response:
         body = ErrorResponse(error=ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code))
-        return JSONResponse(body.model_dump(), status_code=self.status)
+        # ASCII-escaped: a message may quote the request's own text, lone surrogates included
+        return Response(json.dumps(body.model_dump(), ensure_ascii=True), status_code=self.status,
+                        media_type="application/json")
 
 
 class PolicyServer:
@@ -85,13 +87,17 @@ class PolicyServer:
 
     async def _body(self, request: Request, model: type) -> Any:
         try:
-            raw = json.loads(await request.body())
+            raw = json.loads(await request.body(), parse_constant=_reject_constant)
         except (ValueError, UnicodeDecodeError) as e:
             raise APIError(400, f"request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise APIError(400, "request body is nested too deeply") from None
         if not isinstance(raw, dict):
             raise APIError(400, "request body must be a JSON object")
         try:
             return model.model_validate(raw)
+        except RecursionError:
+            raise APIError(400, "request body is nested too deeply") from None
         except ValidationError as e:
             err = e.errors()[0]
             param = ".".join(str(p) for p in err["loc"]) or None
@@ -112,7 +118,20 @@ class PolicyServer:
         if req.min_p not in (None, 0, 0.0):
             raise APIError(400, "min_p must be 0 while training: it changes the sampled distribution", "min_p")
 
+    def _check_token_ids(self, req: ChatCompletionRequest) -> None:
+        # vLLM would refuse them deep inside the engine; name the field instead
+        top = self.engine.max_token_id
+        fields = [("required_prefix_token_ids", req.required_prefix_token_ids)]
+        for i, m in enumerate(req.messages):
+            fields += [(f"messages.{i}.prompt_token_ids", m.prompt_token_ids),
+                       (f"messages.{i}.generation_token_ids", m.generation_token_ids)]
+        for name, ids in fields:
+            bad = next((t for t in ids or () if not 0 <= t <= top), None)
+            if bad is not None:
+                raise APIError(400, f"{name}: token id {bad} is outside the vocabulary [0, {top}]", name)
+
     def _prompt(self, req: ChatCompletionRequest) -> list[int]:
+        self._check_token_ids(req)
         try:
             ids = self.renderer.prompt_ids(req.messages, req.tools, req.chat_template_kwargs,
                                            req.required_prefix_token_ids)
@@ -152,6 +171,7 @@ class PolicyServer:
         self._check_sampling(req)
         prompt_ids = self._prompt(req)
         opts = self._options(req, len(prompt_ids))
+        self.engine.sampling_params(opts)  # refused parameters are a 400, also before a stream starts
         if req.stream:
             return StreamingResponse(self._stream(req, prompt_ids, opts), media_type="text/event-stream")
         gen = await self.engine.generate(prompt_ids, opts)
@@ -259,12 +279,18 @@ class PolicyServer:
         return JSONResponse({"status": "ok", "weight_version": self.engine.weight_version})
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def _guarded(handler):
     async def endpoint(request: Request) -> Response:
         try:
             return await handler(request)
         except APIError as e:
             return e.response()
+        except InvalidRequest as e:
+            return APIError(400, str(e)).response()
         except EngineAsleep as e:  # a training step holds the accelerator: a retryable condition
             return APIError(503, str(e), type_="service_unavailable", code="engine_asleep").response()
         except Exception as e:

@@ -175,3 +175,15 @@ def test_a_temperature_other_than_the_declared_training_one_is_refused_naming_bo
         policy_server.pin.temperature = None
     # outside a collection phase any temperature is served
     client.chat.completions.create(model="tiny", messages=ASK, max_tokens=2, temperature=0.7)
+
+
+@pytest.mark.parametrize("bad", [10**9, -3])
+def test_out_of_vocabulary_ids_in_a_prior_turn_are_400_naming_the_field(policy_server, bad):
+    body = {"model": "tiny", "max_tokens": 2, "messages": [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello", "prompt_token_ids": [1, 2], "generation_token_ids": [5, bad, 2]},
+        {"role": "user", "content": "Again"}]}
+    r = httpx.post(f"{policy_server.base_url}/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "messages.1.generation_token_ids"
+    assert f"token id {bad} is outside the vocabulary" in r.json()["error"]["message"]
