@@ -70,14 +70,17 @@ async def start_engine(cfg: Config):
 def progress_bar(cfg: Config, start: int):
     from tqdm import tqdm
 
+    from store import metrics as M
+
     bar = tqdm(total=cfg.grpo.steps, initial=start, unit="step", dynamic_ncols=True)
 
     def update(step: int, m: dict[str, float]) -> None:
+        nan = float("nan")
         bar.set_postfix_str(
-            f"reward {m['reward_mean']:.3f} loss {m.get('loss', float('nan')):+.4f} "
-            f"tmpe {m.get('token_mult_prob_error', float('nan')):.4f} ent {m.get('entropy', float('nan')):.3f} "
-            f"gen {m['time_generation_s']:.1f}s train {m['time_training_s']:.1f}s "
-            f"sync {m['time_weight_sync_s']:.2f}s lag99 {m['loop_lag_p99_ms']:.0f}ms")
+            f"reward {m[M.REWARD_MEAN]:.3f} loss {m.get(M.LOSS, nan):+.4f} "
+            f"tmpe {m.get(M.TOKEN_MULT_PROB_ERROR, nan):.4f} ent {m.get(M.ENTROPY, nan):.3f} "
+            f"gen {m[M.TIME_GENERATION_S]:.1f}s train {m[M.TIME_TRAINING_S]:.1f}s "
+            f"sync {m[M.TIME_WEIGHT_SYNC_S]:.2f}s lag99 {m[M.LOOP_LAG_P99_MS]:.0f}ms")
         bar.update(step - bar.n)
 
     return bar, update
@@ -101,10 +104,11 @@ async def main(cfg: Config, args: argparse.Namespace) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     gym = GymServers(cfg.gym)
     engine, model_path = await start_engine(cfg)
-    # The engine installs its own SIGINT/SIGTERM handlers; ours replace them so that Ctrl-C or a
-    # kill cancels the run at once and the `finally` below stops Gym, the server and the engine.
+    # The engine installs its own SIGINT/SIGTERM handlers; ours replace them so that Ctrl-C, a kill
+    # or a closed terminal cancels the run at once and the `finally` below writes the run's status
+    # and stops Gym, the server and the engine. This is the process's only signal handling.
     main_task = asyncio.current_task()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         asyncio.get_running_loop().add_signal_handler(sig, main_task.cancel)
     pin = SamplingPin()  # the loop declares the training temperature while it collects rollouts
     server_cfg = ServerConfig(model_name=cfg.server.model_name, api_key=cfg.server.api_key,
@@ -137,7 +141,8 @@ async def main(cfg: Config, args: argparse.Namespace) -> int:
 
             store = RunStore.open(run_dir)
             policy = await asyncio.to_thread(PolicyTrainer, model_path, trainer_config(cfg), cfg.run.seed)
-            loop = GRPOLoop(cfg, engine, gym, store, policy, load_env_rows(cfg.gym, "train"), pin=pin)
+            loop = GRPOLoop(cfg, engine, gym, store, policy, load_env_rows(cfg.gym, "train"), pin=pin,
+                            eval_rows=load_env_rows(cfg.gym, "eval"))
             store.start_run(cfg.run.name, cfg.model_dump(mode="json"), cfg.model.name)
             store.set_status("running")
             if args.resume:

@@ -19,17 +19,20 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ("time_generation_s", "time_training_s", "time_weight_sync_s", "time_logging_s")
+sys.path.insert(0, str(ROOT))
+
+from store import metrics as M  # noqa: E402
+
+PARTS = M.STEP_TIME_PARTS
 
 
 def report(db: Path) -> None:
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as c:
-        cols = ", ".join(f"avg({p})" for p in PARTS)
-        row = c.execute(f"SELECT count(*), avg(time_step_s), {cols}, avg(tokens_per_s), max(loop_lag_p99_ms), "
-                        "max(token_mult_prob_error) FROM steps WHERE step > 1").fetchone()
+        cols = (f"count(*), avg({M.TIME_STEP_S}), " + ", ".join(f"avg({p})" for p in PARTS)
+                + f", avg({M.TOKENS_PER_S}), max({M.LOOP_LAG_P99_MS}), max({M.TOKEN_MULT_PROB_ERROR})")
+        row = c.execute(f"SELECT {cols} FROM steps WHERE step > 1").fetchone()
         if not row[0]:  # a one-step run: keep its only (warm-up) step
-            row = c.execute(f"SELECT count(*), avg(time_step_s), {cols}, avg(tokens_per_s), max(loop_lag_p99_ms), "
-                            "max(token_mult_prob_error) FROM steps").fetchone()
+            row = c.execute(f"SELECT {cols} FROM steps").fetchone()
     n, total, *parts, tps, lag, tmpe = row
     print(f"steps measured       : {n} (first step excluded as warm-up when there are more)")
     print(f"step time            : {total:7.2f} s")

@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from engine.engine import Engine, EngineAsleep, EngineConfig, SamplingOptions, on_gpu  # noqa: E402
+from store import metrics as M  # noqa: E402
 
 PROMPTS = ["What is 7 + 5? Put your final answer in \\boxed{}.", "Name three colours.", "Write a haiku about rain.",
            "What is the capital of France?"]
@@ -190,8 +191,8 @@ def check_trainer_run(model: str, steps: int) -> None:
         with sqlite3.connect(Path(runs) / "gpu-check" / "rollouts.db") as c:
             c.row_factory = sqlite3.Row
             rows = [dict(r) for r in c.execute("SELECT * FROM steps ORDER BY step")]
-    keys = ("time_step_s", "time_generation_s", "time_training_s", "time_weight_sync_s", "time_sleep_s",
-            "time_wake_s", "token_mult_prob_error", "reward_mean", "peak_memory_gib")
+    keys = (M.TIME_STEP_S, M.TIME_GENERATION_S, M.TIME_TRAINING_S, M.TIME_WEIGHT_SYNC_S, M.TIME_SLEEP_S,
+            M.TIME_WAKE_S, M.TOKEN_MULT_PROB_ERROR, M.REWARD_MEAN, M.PEAK_MEMORY_GIB)
     later = rows[1:] or rows  # the first step warms up
     means = {k: sum(r[k] for r in later) / len(later) for k in keys if all(r.get(k) is not None for r in later)}
     figure = ", ".join(f"{k} {v:.3f}" for k, v in means.items())

@@ -18,6 +18,8 @@ from starlette.routing import BaseRoute, Route
 
 from dashboard import charts, data
 from store import DB_NAME, QueryError, forensic_queries, ro_query
+from store import metrics as M
+from store.records import ROLLOUT_KINDS
 
 if TYPE_CHECKING:
     from gym.types import ServerStatus  # only its attributes are read: name, kind, up, restarts, log_path, url
@@ -211,23 +213,25 @@ class Dashboard:
         summary = data.read_run(self.runs_dir, run)
         steps = data.read_steps(summary.db)
         env_rewards = data.env_reward_series(summary.db, steps)
+        eval_rewards = data.eval_reward_series(steps)
         m = lambda key: data.metric_series(steps, key)  # noqa: E731
         S = charts.Series
         figs = [
             charts.line_chart("chart-reward", "Reward",
-                              [S("mean", m("reward_mean"))] + [S(env, pts) for env, pts in env_rewards.items()]),
-            charts.line_chart("chart-loss", "Loss", [S("loss", m("loss"))]),
-            charts.line_chart("chart-kl", "KL to reference", [S("kl", m("kl"))]),
-            charts.line_chart("chart-entropy", "Entropy", [S("entropy", m("entropy"))]),
+                              [S("mean", m(M.REWARD_MEAN))] + [S(env, pts) for env, pts in env_rewards.items()]
+                              + [S(f"eval {env}", pts) for env, pts in eval_rewards.items()]),
+            charts.line_chart("chart-loss", "Loss", [S("loss", m(M.LOSS))]),
+            charts.line_chart("chart-kl", "KL to reference", [S("kl", m(M.KL))]),
+            charts.line_chart("chart-entropy", "Entropy", [S("entropy", m(M.ENTROPY))]),
             charts.line_chart("chart-clip", "Clip fraction",
-                              [S("low", m("clip_low_frac")), S("high", m("clip_high_frac"))]),
+                              [S("low", m(M.CLIP_LOW_FRAC)), S("high", m(M.CLIP_HIGH_FRAC))]),
             charts.line_chart("chart-mismatch", "token_mult_prob_error (1.0 = exact)",
-                              [S("token_mult_prob_error", m("token_mult_prob_error"))]),
-            charts.line_chart("chart-gen-kl", "gen_kl_error", [S("gen_kl_error", m("gen_kl_error"))]),
-            charts.line_chart("chart-tps", "Tokens / s", [S("tokens/s", m("tokens_per_s"))]),
+                              [S("token_mult_prob_error", m(M.TOKEN_MULT_PROB_ERROR))]),
+            charts.line_chart("chart-gen-kl", "gen_kl_error", [S("gen_kl_error", m(M.GEN_KL_ERROR))]),
+            charts.line_chart("chart-tps", "Tokens / s", [S("tokens/s", m(M.TOKENS_PER_S))]),
             charts.stacked_bars("chart-time", "Step time (s)", [
-                S("generation", m("time_generation_s")), S("training", m("time_training_s")),
-                S("weight sync", m("time_weight_sync_s")), S("logging", m("time_logging_s"))]),
+                S("generation", m(M.TIME_GENERATION_S)), S("training", m(M.TIME_TRAINING_S)),
+                S("weight sync", m(M.TIME_WEIGHT_SYNC_S)), S("logging", m(M.TIME_LOGGING_S))]),
         ]
         last = steps[-1].metrics if steps else {}
         return {"summary": summary, "charts": figs, "last_metrics": last}
@@ -269,6 +273,7 @@ class Dashboard:
         f = data.RolloutFilter(
             step=parse("step", int), env=qp.get("env") or None, min_reward=parse("min_reward", float),
             max_reward=parse("max_reward", float), truncated={"1": True, "0": False}.get(trunc),
+            kind=qp.get("kind") if qp.get("kind") in ROLLOUT_KINDS else None,
             sort=qp.get("sort", "id") if qp.get("sort") in data.SORTS else "id",
             offset=max(0, parse("offset", int) or 0), limit=100,
         )
@@ -282,7 +287,8 @@ class Dashboard:
             params = {k: v for k, v in qp.items() if k not in ("offset", "token")}
             return "rollouts.html", {"runs": data.run_names(self.runs_dir), "run": run, "rows": rows,
                                      "total": total, "f": f, "steps": steps, "envs": envs, "errors": errors,
-                                     "sorts": list(data.SORTS), "params": params, "truncated": trunc}
+                                     "sorts": list(data.SORTS), "params": params, "truncated": trunc,
+                                     "kinds": ROLLOUT_KINDS}
         return await self._page(request, build)
 
     def _rollout_ctx(self, run: str, rid: int, view: str) -> dict[str, Any] | None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -14,8 +13,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from store import DB_NAME, open_readonly
+from store import metrics as M
 
-_ENV_REWARD_KEY = re.compile(r"^reward/(.+)_mean$")
 # Token fields Gym puts on every model output item: shown as counts, not as thousands of numbers.
 _TOKEN_FIELDS = ("prompt_token_ids", "generation_token_ids", "generation_log_probs")
 
@@ -145,9 +144,9 @@ def _num(v: Any) -> float | None:
 def env_reward_series(db: Path, steps: list[StepRow]) -> dict[str, list[tuple[float, float | None]]]:
     """Mean reward per environment per step: from the `reward/<env>_mean` metrics when the trainer
     logs them, otherwise averaged from the rollouts table."""
-    envs = sorted({m.group(1) for s in steps for k in s.metrics if (m := _ENV_REWARD_KEY.match(k))})
+    envs = sorted({env for s in steps for k in s.metrics if (env := M.env_reward_env(k)) is not None})
     if envs:
-        return {env: metric_series(steps, f"reward/{env}_mean") for env in envs}
+        return {env: metric_series(steps, M.env_reward(env)) for env in envs}
     out: dict[str, list[tuple[float, float | None]]] = {}
     with reader(db) as conn:
         try:
@@ -162,10 +161,16 @@ def env_reward_series(db: Path, steps: list[StepRow]) -> dict[str, list[tuple[fl
     return out
 
 
+def eval_reward_series(steps: list[StepRow]) -> dict[str, list[tuple[float, float | None]]]:
+    """Mean eval reward per environment, at the steps that evaluated (grpo.eval_every)."""
+    envs = sorted({env for s in steps for k in s.metrics if (env := M.eval_env_reward_env(k)) is not None})
+    return {env: [p for p in metric_series(steps, M.eval_env_reward(env)) if p[1] is not None] for env in envs}
+
+
 def reward_curve(db: Path) -> list[tuple[float, float | None]]:
     """reward_mean per step, or the rollouts' mean reward when the metric is absent."""
     steps = read_steps(db)
-    series = metric_series(steps, "reward_mean")
+    series = metric_series(steps, M.REWARD_MEAN)
     if series:
         return series
     with reader(db) as conn:
@@ -188,6 +193,7 @@ class RolloutFilter:
     min_reward: float | None = None
     max_reward: float | None = None
     truncated: bool | None = None
+    kind: str | None = None           # "train" | "eval"
     sort: str = "id"
     offset: int = 0
     limit: int = 100
@@ -204,41 +210,37 @@ SORTS = {
 
 ROLLOUT_COLUMNS = ("id", "step", "policy_version", "env", "agent", "row_index", "group_index", "row_id",
                    "reward", "advantage", "num_turns", "num_model_calls", "num_tool_calls", "truncated",
-                   "mask_sample", "failure", "latency_s", "num_tokens", "num_model_tokens")
+                   "mask_sample", "failure", "latency_s", "num_tokens", "num_model_tokens", "kind")
 
 
 def list_rollouts(db: Path, f: RolloutFilter) -> tuple[list[dict[str, Any]], int]:
     """One page of rollouts matching the filter, and how many match in all."""
-    where, params = [], []
-    if f.step is not None:
-        where.append("step = ?")
-        params.append(f.step)
-    if f.env:
-        where.append("env = ?")
-        params.append(f.env)
-    if f.min_reward is not None:
-        where.append("reward >= ?")
-        params.append(f.min_reward)
-    if f.max_reward is not None:
-        where.append("reward <= ?")
-        params.append(f.max_reward)
-    if f.truncated is not None:
-        where.append("truncated = ?")
-        params.append(int(f.truncated))
-    clause = (" WHERE " + " AND ".join(where)) if where else ""
     order = SORTS.get(f.sort, "id")
     with reader(db) as conn:
         try:
+            # a store from before eval rollouts has no `kind` column: all its rollouts trained
+            kind = "kind" if _has_kind(conn) else "'train'"
+            where, params = [], []
+            for sql, value in (("step = ?", f.step), ("env = ?", f.env or None), ("reward >= ?", f.min_reward),
+                               ("reward <= ?", f.max_reward), ("truncated = ?", f.truncated),
+                               (f"{kind} = ?", f.kind or None)):
+                if value is not None:
+                    where.append(sql)
+                    params.append(int(value) if isinstance(value, bool) else value)
+            clause = (" WHERE " + " AND ".join(where)) if where else ""
+            columns = ", ".join(f"{kind} AS kind" if c == "kind" else c for c in ROLLOUT_COLUMNS)
             total = conn.execute(f"SELECT count(*) FROM rollouts{clause}", params).fetchone()[0]
-            rows = conn.execute(
-                f"SELECT {', '.join(ROLLOUT_COLUMNS)} FROM rollouts{clause} ORDER BY {order} LIMIT ? OFFSET ?",
-                [*params, f.limit, f.offset],
-            ).fetchall()
+            rows = conn.execute(f"SELECT {columns} FROM rollouts{clause} ORDER BY {order} LIMIT ? OFFSET ?",
+                                [*params, f.limit, f.offset]).fetchall()
         except sqlite3.OperationalError as e:
             if _missing_table(e):
                 return [], 0
             raise
     return [dict(zip(ROLLOUT_COLUMNS, r)) for r in rows], total
+
+
+def _has_kind(conn: sqlite3.Connection) -> bool:
+    return any(r[1] == "kind" for r in conn.execute("PRAGMA table_info(rollouts)"))
 
 
 def filter_choices(db: Path) -> tuple[list[int], list[str]]:

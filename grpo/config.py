@@ -85,7 +85,10 @@ class GRPOSection(_Section):
     gradient_checkpointing: bool = False
     offload_params: bool = False              # GPU: trainer weights (and reference) on CPU while vLLM generates
     checkpoint_every: int = Field(default=10, ge=1)
-    eval_every: int = Field(default=0, ge=0)    # 0: no periodic evaluation
+    eval_every: int = Field(default=0, ge=0)    # 0: no evaluation during training; N: after every N-th step
+    eval_group_size: int = Field(default=1, ge=1)        # rollouts per eval row
+    eval_temperature: float = Field(default=0.0, ge=0, le=2)   # 0: greedy
+    eval_max_rows: int | None = Field(default=None, ge=1)     # first N eval rows of every env (None: all)
 
     @model_validator(mode="after")
     def _combos(self) -> "GRPOSection":
@@ -108,6 +111,8 @@ class Config(_Section):
     def _fits(self) -> "Config":
         if self.grpo.max_tokens >= self.model.max_model_len:
             raise ValueError("grpo.max_tokens: must be smaller than model.max_model_len")
+        if self.grpo.eval_every and not any(e.eval_data for e in self.gym.envs):
+            raise ValueError("grpo.eval_every: no environment in gym.envs has eval_data to evaluate on")
         return self
 
     @property

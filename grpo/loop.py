@@ -22,9 +22,10 @@ import aiohttp
 
 from engine.engine import Engine
 from engine.server import SamplingPin
-from gym.rollouts import collect, env_metrics
+from gym.rollouts import collect, env_metrics, row_env
 from gym.servers import GymServers
 from gym.types import Rollout
+from store import metrics as M
 from store.db import RunStore
 from store.records import RolloutRecord, StepRecord
 
@@ -60,6 +61,19 @@ class LoopLag:
     def stop(self) -> None:
         if self._task:
             self._task.cancel()
+
+
+def first_rows_per_env(rows: list[dict[str, Any]], n: int | None) -> list[dict[str, Any]]:
+    if n is None:
+        return list(rows)
+    seen: dict[str, int] = {}
+    out = []
+    for row in rows:
+        env = row_env(row)
+        if seen.get(env, 0) < n:
+            out.append(row)
+            seen[env] = seen.get(env, 0) + 1
+    return out
 
 
 def peak_memory_gib() -> float:
@@ -130,8 +144,9 @@ def advantages_for(rollouts: list[Rollout], cfg: Config) -> tuple[list[float], l
 class GRPOLoop:
     def __init__(self, cfg: Config, engine: Engine, gym: GymServers, store: RunStore, policy: PolicyTrainer,
                  rows: list[dict[str, Any]], progress: Callable[[int, dict[str, float]], None] | None = None,
-                 pin: SamplingPin | None = None) -> None:
+                 pin: SamplingPin | None = None, eval_rows: list[dict[str, Any]] | None = None) -> None:
         self.cfg, self.engine, self.gym, self.store, self.policy = cfg, engine, gym, store, policy
+        self.eval_rows = first_rows_per_env(eval_rows or [], cfg.grpo.eval_max_rows)
         self.pin = pin or SamplingPin()  # shared with the policy server: it refuses other temperatures
         self.cursor = DataCursor(rows, cfg.run.seed)
         self.step = 0
@@ -201,6 +216,7 @@ class GRPOLoop:
         t0 = time.perf_counter()
         if g.offload_params:
             await asyncio.to_thread(self.policy.offload_params)
+        restarts_before = self.gym.restarts
         t_wake = time.perf_counter()
         await self.engine.wake()
         t_wake = time.perf_counter() - t_wake
@@ -237,59 +253,95 @@ class GRPOLoop:
         t_sync = time.perf_counter() - t0
 
         self.step += 1
+        eval_metrics: dict[str, float] = {}
+        eval_records: list[RolloutRecord] = []
+        if g.eval_every and self.step % g.eval_every == 0 and self.eval_rows:
+            eval_metrics, eval_records = await self.evaluate(session)
         metrics = self._metrics(rollouts, adv, keep, stats)
-        metrics.update(time_generation_s=t_gen, time_training_s=t_train, time_weight_sync_s=t_sync,
-                       time_wake_s=t_wake, time_sleep_s=t_sleep, requests_aborted_at_sleep=float(aborted),
-                       peak_memory_gib=peak_memory_gib())
+        metrics.update(eval_metrics)
+        metrics[M.GYM_RESTARTS] = float(self.gym.restarts - restarts_before)
+        metrics.update({M.TIME_GENERATION_S: t_gen, M.TIME_TRAINING_S: t_train, M.TIME_WEIGHT_SYNC_S: t_sync,
+                        M.TIME_WAKE_S: t_wake, M.TIME_SLEEP_S: t_sleep, M.REQUESTS_ABORTED_AT_SLEEP: float(aborted),
+                        M.PEAK_MEMORY_GIB: peak_memory_gib()})
         t0 = time.perf_counter()
         records = await asyncio.to_thread(self._records, rollouts, adv, train_logprobs, version)
-        metrics["time_logging_s"] = time.perf_counter() - t0
-        metrics["time_step_s"] = time.time() - started
-        metrics["loop_lag_p99_ms"] = self.lag.take_p99_ms()
+        records += eval_records
+        metrics[M.TIME_LOGGING_S] = time.perf_counter() - t0
+        metrics[M.TIME_STEP_S] = time.time() - started
+        metrics[M.LOOP_LAG_P99_MS] = self.lag.take_p99_ms()
         gen_tokens = sum(sum(r.sequence.loss_mask) for r in rollouts)
-        metrics["tokens_per_s"] = gen_tokens / t_gen if t_gen > 0 else 0.0
+        metrics[M.TOKENS_PER_S] = gen_tokens / t_gen if t_gen > 0 else 0.0
         await asyncio.to_thread(self.store.write_step,
                                 StepRecord(self.step, version, metrics, started, time.time()), records)
         return metrics
+
+    async def evaluate(self, session: aiohttp.ClientSession) -> tuple[dict[str, float], list[RolloutRecord]]:
+        """The eval rows of every environment on the current policy, never trained on: their
+        metrics and their store records (kind "eval", at this step)."""
+        g, gym = self.cfg.grpo, self.cfg.gym
+        t0 = time.perf_counter()
+        await self.engine.wake()
+        self.pin.temperature = g.eval_temperature
+        try:
+            rollouts = await collect(self.eval_rows, g.eval_group_size, self.gym, session, gym.concurrency,
+                                     gym.request_timeout_s, gym.max_retries,
+                                     sampling={"temperature": g.eval_temperature, "top_p": 1.0})
+        finally:
+            self.pin.temperature = None
+        m = {M.EVAL_REWARD_MEAN: statistics.fmean(r.reward for r in rollouts)}
+        for k, v in env_metrics(rollouts).items():
+            env, name = k.split("/", 1)
+            if name == "reward_mean":
+                m[M.eval_env_reward(env)] = v
+        records = await asyncio.to_thread(self._records, rollouts, [0.0] * len(rollouts),
+                                          [[] for _ in rollouts], self.step, "eval")
+        m[M.TIME_EVAL_S] = time.perf_counter() - t0
+        return m, records
 
     def _metrics(self, rollouts: list[Rollout], adv: list[float], keep: list[bool], stats: Any) -> dict[str, float]:
         rewards = [r.reward for r in rollouts]
         flat = zero_variance_groups(rewards, self.cfg.grpo.group_size)
         m: dict[str, float] = {
-            "reward_mean": statistics.fmean(rewards),
-            "reward_std": statistics.pstdev(rewards),
-            "zero_variance_group_frac": sum(flat) / len(flat),
-            "truncation_rate": sum(r.truncated for r in rollouts) / len(rollouts),
-            "rollouts_trained": float(sum(keep)),
-            "generated_tokens_mean": statistics.fmean(sum(r.sequence.loss_mask) for r in rollouts),
-            "turns_mean": statistics.fmean(r.num_turns for r in rollouts),
-            "injected_messages": float(sum(r.num_injected for r in rollouts)),
-            "advantage_abs_mean": statistics.fmean(abs(a) for a in adv),
+            M.REWARD_MEAN: statistics.fmean(rewards),
+            M.REWARD_STD: statistics.pstdev(rewards),
+            M.ZERO_VARIANCE_GROUP_FRAC: sum(flat) / len(flat),
+            M.TRUNCATION_RATE: sum(r.truncated for r in rollouts) / len(rollouts),
+            M.ROLLOUTS_TRAINED: float(sum(keep)),
+            M.GENERATED_TOKENS_MEAN: statistics.fmean(sum(r.sequence.loss_mask) for r in rollouts),
+            M.TURNS_MEAN: statistics.fmean(r.num_turns for r in rollouts),
+            M.INJECTED_MESSAGES: float(sum(r.num_injected for r in rollouts)),
+            M.ROLLOUTS_RETRIED: float(sum(r.attempts > 1 for r in rollouts)),
+            M.ADVANTAGE_ABS_MEAN: statistics.fmean(abs(a) for a in adv),
         }
         for k, v in env_metrics(rollouts).items():
             env, name = k.split("/", 1)
-            m[f"reward/{env}_mean" if name == "reward_mean" else f"env/{env}/{name}"] = v
+            m[M.env_reward(env) if name == "reward_mean" else M.env_metric(env, name)] = v
         if stats is not None:
-            m.update(loss=stats.loss, kl=stats.kl, entropy=stats.entropy, clip_low_frac=stats.clip_low_frac,
-                     clip_high_frac=stats.clip_high_frac, clip_frac=stats.clip_low_frac + stats.clip_high_frac,
-                     grad_norm=stats.grad_norm, token_mult_prob_error=stats.token_mult_prob_error,
-                     gen_kl_error=stats.gen_kl_error, lr=stats.lr, tis_capped_frac=stats.tis_capped_frac,
-                     minibatches=float(stats.num_minibatches), skipped_optimizer_steps=float(stats.skipped_steps))
+            m.update({
+                M.LOSS: stats.loss, M.KL: stats.kl, M.ENTROPY: stats.entropy,
+                M.CLIP_LOW_FRAC: stats.clip_low_frac, M.CLIP_HIGH_FRAC: stats.clip_high_frac,
+                M.CLIP_FRAC: stats.clip_low_frac + stats.clip_high_frac, M.GRAD_NORM: stats.grad_norm,
+                M.TOKEN_MULT_PROB_ERROR: stats.token_mult_prob_error, M.GEN_KL_ERROR: stats.gen_kl_error,
+                M.LR: stats.lr, M.TIS_CAPPED_FRAC: stats.tis_capped_frac,
+                M.MINIBATCHES: float(stats.num_minibatches), M.SKIPPED_OPTIMIZER_STEPS: float(stats.skipped_steps),
+                M.TRAINED_TOKENS: float(stats.num_tokens), M.TRAINED_MODEL_TOKENS: float(stats.num_model_tokens),
+            })
         return m
 
     def _records(self, rollouts: list[Rollout], adv: list[float], train_logprobs: list[list[float]],
-                 version: int) -> list[RolloutRecord]:
+                 version: int, kind: str = "train") -> list[RolloutRecord]:
         tok = self.engine.tokenizer
+        prefix = "" if kind == "train" else f"{kind}:"
         out = []
         for r, a, tl in zip(rollouts, adv, train_logprobs):
             ids = r.sequence.token_ids
             out.append(RolloutRecord(
                 step=self.step, policy_version=version, env=r.env, agent=r.agent, row_index=r.row_index,
-                group_index=r.group_index, row_id=f"{self.step}:{r.row_index}:{r.group_index}", reward=r.reward,
+                group_index=r.group_index, row_id=prefix + f"{self.step}:{r.row_index}:{r.group_index}", reward=r.reward,
                 advantage=a, num_turns=r.num_turns, num_model_calls=r.num_model_calls,
                 num_tool_calls=r.num_tool_calls, truncated=r.truncated, mask_sample=r.mask_sample,
                 failure=r.failure, latency_s=r.latency_s, result=r.result, token_ids=ids,
                 token_text=tok.batch_decode([[t] for t in ids]), loss_mask=r.sequence.loss_mask,
-                turn_index=turn_index(r), gen_logprobs=r.sequence.gen_logprobs, train_logprobs=tl,
+                turn_index=turn_index(r), gen_logprobs=r.sequence.gen_logprobs, train_logprobs=tl, kind=kind,
             ))
         return out

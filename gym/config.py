@@ -53,6 +53,8 @@ class GymConfig(BaseModel):
     request_timeout_s: float = Field(default=300.0, gt=0)
     max_retries: int = Field(default=3, ge=0)
     startup_timeout_s: float = Field(default=120.0, gt=0)
+    # a server that answers no HTTP request (probe deadline 2 s) for this long is hung: restarted
+    hung_after_s: float = Field(default=10.0, gt=0)
     venv: str = ".venv-gym"
     overrides: dict[str, Any] = Field(default_factory=dict)
 

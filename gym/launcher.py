@@ -46,8 +46,10 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 WATCH_INTERVAL_S = 0.5
-# A server whose process is alive but whose port has refused connections for this long is hung.
-HUNG_AFTER_S = 30.0
+# A server whose process is alive but that has answered no HTTP request for this long is hung
+# (spec["hung_after_s"] overrides it); each probe waits at most PROBE_DEADLINE_S.
+HUNG_AFTER_S = 10.0
+PROBE_DEADLINE_S = 2.0
 
 
 class _Shutdown(BaseException):
@@ -226,14 +228,23 @@ def _link_venvs(entries: list[tuple[str, str, str, str]], venv_root: Path, gym_v
         link.symlink_to(gym_venv, target_is_directory=True)
 
 
-def _port_answers(host: str, port: int, timeout_s: float = 1.0) -> bool:
-    import socket
+def _http_answers(host: str, port: int, timeout_s: float = PROBE_DEADLINE_S) -> bool:
+    """True when the server answers an HTTP request (any status) within the deadline.
 
+    A TCP connect is not enough: the kernel accepts connections for a stopped (SIGSTOP) or
+    deadlocked process, which then never answers.
+    """
+    import http.client
+
+    conn = http.client.HTTPConnection(host, port, timeout=timeout_s)
     try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            return True
-    except OSError:
+        conn.request("GET", "/")
+        conn.getresponse().read()
+        return True
+    except (OSError, http.client.HTTPException):
         return False
+    finally:
+        conn.close()
 
 
 class Launcher:
@@ -371,7 +382,7 @@ class Launcher:
             process = (getattr(self.rh, "_processes", None) or {}).get(name)
             health[name] = {
                 "alive": process is not None and process.poll() is None,
-                "answering": _port_answers(str(cfg.host), int(cfg.port), timeout_s=0.5),
+                "answering": _http_answers(str(cfg.host), int(cfg.port), timeout_s=0.5),
             }
         self.health = health
 
@@ -475,15 +486,16 @@ class Launcher:
                         self.restart_server(name)
                     continue
                 cfg = gcd[name][server_type][server_name]
-                if _port_answers(str(cfg.host), int(cfg.port)):
+                if _http_answers(str(cfg.host), int(cfg.port)):
                     self.answered[name] = True
                     self.refused_since.pop(name, None)
                 elif self.answered.get(name, True):
                     # Only a server that answered since its (re)start can be hung; one still
                     # importing its dependencies is just slow.
                     since = self.refused_since.setdefault(name, now)
-                    if now - since > HUNG_AFTER_S:
-                        print(f"[launcher] `{name}` alive but its port refuses connections: restarting", flush=True)
+                    if time.monotonic() - since > float(self.spec.get("hung_after_s", HUNG_AFTER_S)):
+                        print(f"[launcher] `{name}` alive but answered no HTTP request for "
+                              f"{time.monotonic() - since:.0f} s (hung): restarting", flush=True)
                         self.restart_server(name)
             time.sleep(WATCH_INTERVAL_S)
 

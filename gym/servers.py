@@ -23,7 +23,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import weakref
 from pathlib import Path
@@ -117,17 +116,16 @@ def pids_mentioning(text: str) -> list[int]:
     return found
 
 
-async def _port_answers(host: str, port: int, timeout_s: float = 1.0) -> bool:
+async def _port_answers(host: str, port: int, timeout_s: float = 2.0) -> bool:
+    """True when the server answers an HTTP request (any status) in time; a stopped process's
+    port still accepts TCP connections, so a connect alone would call a hung server up."""
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
-    except (OSError, asyncio.TimeoutError):
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+            async with session.get(f"http://{host}:{port}/") as resp:
+                await resp.read()
+        return True
+    except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
         return False
-    writer.close()
-    try:
-        await writer.wait_closed()
-    except OSError:
-        pass
-    return True
 
 
 class GymServers:
@@ -179,6 +177,7 @@ class GymServers:
             "server_log_dir": str(log_dir / "servers"),
             "status_path": str(log_dir / "status.json"),
             "parent_pid": os.getpid(),
+            "hung_after_s": cfg.hung_after_s,
         }
 
     async def _launch(self) -> None:
@@ -345,7 +344,12 @@ class GymServers:
                   file=sys.stderr, flush=True)
             await self.restart_group()
             return
+        before = {n: v.get("restarts", 0) for n, v in (self._status.get("servers") or {}).items()}
         self._status = self._read_status()
+        for name, v in (self._status.get("servers") or {}).items():
+            if v.get("restarts", 0) > before.get(name, v.get("restarts", 0)):
+                print(f"[gym] `{name}` was restarted by the launcher (restart #{v['restarts']}; dead or hung); "
+                      "its rollouts are retried", file=sys.stderr, flush=True)
         probes: dict[str, Any] = {"head": ("127.0.0.1", self._head_port)}
         for name, s in (self._status.get("servers") or {}).items():
             probes[name] = (s.get("host"), s.get("port"))
@@ -443,23 +447,11 @@ def _stop_all() -> None:
 
 
 def _install_exit_hooks() -> None:
-    """atexit always; SIGTERM/SIGHUP only where nobody handles them yet (uvicorn installs its own,
-    and its shutdown ends in a normal exit, which runs atexit)."""
+    """atexit: a process that exits without calling stop() still ends Gym. Signals are the
+    trainer's to handle (trainer.py turns SIGINT/SIGTERM/SIGHUP into a clean stop that writes the
+    run's status); a process killed outright is covered by the launcher watching its parent."""
     global _hooks_installed
     if _hooks_installed:
         return
     _hooks_installed = True
     atexit.register(_stop_all)
-    if threading.current_thread() is not threading.main_thread():
-        return
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        previous = signal.getsignal(signum)
-        if previous not in (signal.SIG_DFL, None):
-            continue
-
-        def handler(num: int, frame: Any, _previous: Any = previous) -> None:
-            _stop_all()
-            signal.signal(num, signal.SIG_DFL)
-            os.kill(os.getpid(), num)
-
-        signal.signal(signum, handler)

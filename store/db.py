@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import sqlite_utils
 
-from store.records import RolloutRecord, StepRecord
+from store.records import ROLLOUT_KINDS, RolloutRecord, StepRecord
 
 DB_NAME = "rollouts.db"
 
@@ -71,9 +71,11 @@ def _create_schema(db: sqlite_utils.Database) -> None:
          "group_index": int, "row_id": str, "reward": float, "advantage": float, "num_turns": int,
          "num_model_calls": int, "num_tool_calls": int, "truncated": int, "mask_sample": int,
          "failure": str, "latency_s": float, "num_tokens": int, "num_model_tokens": int,
-         "result": str},
-        pk="id", if_not_exists=True,
+         "result": str, "kind": str},
+        pk="id", if_not_exists=True, defaults={"kind": "train"},
     )
+    if "kind" not in db["rollouts"].columns_dict:  # a store written before eval rollouts existed
+        db["rollouts"].add_column("kind", str, not_null_default="train")
     # WITHOUT ROWID: the table is its (rollout_id, position) index, about half the size of a
     # rowid table plus a separate index; tokens are by far the biggest table.
     db.execute(
@@ -171,6 +173,8 @@ class RunStore:
         A step number already present raises sqlite3.IntegrityError (use truncate_after to redo)."""
         for r in rollouts:
             r.check_lengths()
+            if r.kind not in ROLLOUT_KINDS:
+                raise ValueError(f"rollout kind {r.kind!r} is not one of {ROLLOUT_KINDS}")
         metric_values = {metric_column(k): _finite_or_none(v) for k, v in step.metrics.items()}
         if len({c.lower() for c in metric_values}) != len(step.metrics):  # SQLite names ignore case
             raise ValueError(f"step {step.step}: two metric keys map to one column: {sorted(step.metrics)}")
@@ -206,12 +210,13 @@ class RunStore:
         cur = self._db.execute(
             """INSERT INTO rollouts (step, policy_version, env, agent, row_index, group_index, row_id,
                 reward, advantage, num_turns, num_model_calls, num_tool_calls, truncated, mask_sample,
-                failure, latency_s, num_tokens, num_model_tokens, result)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                failure, latency_s, num_tokens, num_model_tokens, result, kind)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
             [r.step, r.policy_version, r.env, r.agent, r.row_index, r.group_index, r.row_id,
              _finite_or_none(r.reward), _finite_or_none(r.advantage), r.num_turns, r.num_model_calls,
              r.num_tool_calls, int(r.truncated), int(r.mask_sample), r.failure, r.latency_s,
-             len(r.token_ids), int(sum(r.loss_mask)), json.dumps(r.result, default=str, ensure_ascii=False)],
+             len(r.token_ids), int(sum(r.loss_mask)), json.dumps(r.result, default=str, ensure_ascii=False),
+             r.kind],
         )
         rid = cur.lastrowid
         train = r.train_logprobs or [None] * len(r.token_ids)

@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+ROLLOUT_KINDS = ("train", "eval")
+
+
 @dataclass
 class StepRecord:
     """One optimizer step: when it ran, which policy generated its rollouts, its metrics."""
@@ -53,6 +56,7 @@ class RolloutRecord:
     turn_index: list[int] = field(default_factory=list)
     gen_logprobs: list[float] = field(default_factory=list)
     train_logprobs: list[float] = field(default_factory=list)
+    kind: str = "train"         # ROLLOUT_KINDS: "eval" rollouts measure the policy and are never trained on
 
     def check_lengths(self) -> None:
         """Raise ValueError when the per-token lists disagree in length (a silent misalignment

@@ -108,10 +108,13 @@ class RunInfo:
 
 @pytest.fixture(scope="session")
 def short_run(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> RunInfo:
-    """A real 3-step training run (tiny model, real vLLM, real Gym string_match, real SQLite)."""
+    """A real 3-step training run (tiny model, real vLLM, real Gym string_match, real SQLite) that
+    evaluates after step 2."""
     import subprocess
 
     runs = tmp_path_factory.mktemp("runs")
-    p = subprocess.run(trainer_cmd(tiny_model, runs, "short"), cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    # step 2 also evaluates the first 2 eval rows (greedy): eval rollouts beside the training ones
+    cmd = trainer_cmd(tiny_model, runs, "short", "--set", "grpo.eval_every=2", "--set", "grpo.eval_max_rows=2")
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
     return RunInfo(runs, "short", p.stdout + p.stderr)

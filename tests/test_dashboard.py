@@ -379,6 +379,22 @@ def test_rollout_browser_filters(site, page: Page):
     assert page.locator("#rollouts-table tbody tr").count() == min(n_trunc, 100)
 
 
+def test_eval_during_training_has_its_own_reward_line_and_rollout_filter(site, page: Page):
+    run, run_dir = site["run"], site["runs_dir"] / site["run"]
+    evals = sql(run_dir, "SELECT id FROM rollouts WHERE kind = 'eval' ORDER BY id")
+    assert evals  # the short run evaluates after step 2
+    page.goto(f"{site['url']}/runs/{run}")
+    legend = page.locator("#chart-reward .legend li").all_inner_texts()
+    assert any(t.startswith("eval addition") for t in legend), legend
+    page.goto(f"{site['url']}/runs/{run}/rollouts")
+    page.select_option("select[name=kind]", "eval")
+    page.click("form.filters button")
+    page.wait_for_url(re.compile(r"kind=eval"))
+    assert [int(t) for t in page.locator("#rollouts-table tbody tr td:first-child").all_inner_texts()] == \
+        [i for (i,) in evals]
+    shot(page, "rollouts-eval")
+
+
 def test_rollout_page_shows_the_conversation_turn_by_turn(site, page: Page):
     page.goto(f"{site['url']}/runs/{site['crafted']}/rollouts/{site['ids']['tool']}")
     turns = page.locator("#conversation .msg")
@@ -589,3 +605,18 @@ def test_line_chart_breaks_at_missing_values_and_escapes_names():
 
 def test_empty_chart_says_so():
     assert "no data yet" in str(line_chart("c", "Loss", [Series("loss", [])]))
+
+
+def test_a_store_from_before_eval_rollouts_lists_every_rollout_as_train(tmp_path):
+    import sqlite3
+
+    from dashboard.data import RolloutFilter, list_rollouts
+    from tests.test_store import rollout, step_record
+
+    with RunStore.open(tmp_path) as s:
+        s.write_step(step_record(1), [rollout(1, "sm", 1.0), rollout(1, "sm", 0.0, group=1)])
+    with sqlite3.connect(tmp_path / DB_NAME) as c:
+        c.execute("ALTER TABLE rollouts DROP COLUMN kind")
+    rows, total = list_rollouts(tmp_path / DB_NAME, RolloutFilter(kind="train"))
+    assert (total, [r["kind"] for r in rows]) == (2, ["train", "train"])
+    assert list_rollouts(tmp_path / DB_NAME, RolloutFilter(kind="eval")) == ([], 0)

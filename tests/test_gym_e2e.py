@@ -215,6 +215,40 @@ def test_a_resources_server_killed_mid_batch_is_restarted_and_every_rollout_arri
     assert status["string_match"].restarts >= 1 and status["string_match"].up
 
 
+def test_a_hung_resources_server_is_noticed_restarted_and_its_rollouts_retried(gym, policy_server):
+    # SIGSTOP: the process lives and the kernel still accepts connections on its port, it just never
+    # answers; only an HTTP probe with a deadline can tell
+    config, servers = gym
+    rows = _rows(config, "string_match", 5, max_output_tokens=24, temperature=1.0)
+    rows = copy.deepcopy([rows[i % 5] for i in range(8)])
+    restarts_before = servers.restarts
+    victim = _resources_server_python(servers, "string_match")
+
+    async def go() -> tuple[list[Rollout], bool, float]:
+        async with aiohttp.ClientSession() as session:
+            started = time.monotonic()
+            task = asyncio.ensure_future(
+                collect(rows, 4, servers, session, concurrency=8, timeout_s=180, max_retries=3))
+            await asyncio.sleep(0.3)
+            os.kill(victim, signal.SIGSTOP)
+            stopped_mid_batch = not task.done()
+            return await task, stopped_mid_batch, time.monotonic() - started
+
+    try:
+        rollouts, stopped_mid_batch, took = policy_server.run(go())
+    finally:
+        try:
+            os.kill(victim, signal.SIGKILL)   # if the launcher has not already
+        except ProcessLookupError:
+            pass
+    assert stopped_mid_batch
+    assert took < 60, f"the batch took {took:.0f} s"
+    assert_input_order(rollouts, 8, 4)
+    assert len({id(r.result) for r in rollouts}) == 32
+    assert servers.restarts >= restarts_before + 1
+    assert _resources_server_python(servers, "string_match") != victim
+
+
 def test_status_lists_every_server_up(gym):
     _, servers = gym
     status = {s.name: s for s in servers.status()}

@@ -290,3 +290,26 @@ def test_ro_query_reports_sql_errors(filled: RunStore):
 def test_reading_after_the_writer_closed(filled: RunStore):
     filled.close()
     assert ro_query(filled.path, "SELECT count(*) FROM steps") == (["count(*)"], [(3,)])
+
+
+def test_eval_rollouts_are_stored_with_their_kind(store: RunStore):
+    ev = rollout(1, "sm", 1.0)
+    ev.kind = "eval"
+    store.write_step(step_record(1), [rollout(1, "sm", 0.0), ev])
+    assert query(store, "SELECT kind, reward FROM rollouts ORDER BY id") == [("train", 0.0), ("eval", 1.0)]
+
+
+def test_an_unknown_rollout_kind_is_refused(store: RunStore):
+    bad = rollout(1, "sm", 1.0)
+    bad.kind = "test"
+    with pytest.raises(ValueError, match="kind 'test'"):
+        store.write_step(step_record(1), [bad])
+
+
+def test_a_store_written_before_rollout_kinds_gets_the_column_with_train(tmp_path: Path):
+    with RunStore.open(tmp_path) as s:
+        s.write_step(step_record(1), [rollout(1, "sm", 1.0)])
+    with sqlite3.connect(tmp_path / "rollouts.db") as c:
+        c.execute("ALTER TABLE rollouts DROP COLUMN kind")
+    with RunStore.open(tmp_path) as s:
+        assert query(s, "SELECT kind FROM rollouts") == [("train",)]

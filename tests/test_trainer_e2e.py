@@ -2,6 +2,7 @@
 rollout exactly once, a SIGKILLed run resumes, and a bad config exits 2 before anything starts."""
 
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -22,7 +23,8 @@ def q(db, sql):
 
 def test_short_run_writes_every_step_and_rollout(short_run):
     assert q(short_run.db, "SELECT step FROM steps ORDER BY step") == [(1,), (2,), (3,)]
-    assert q(short_run.db, "SELECT count(*), count(DISTINCT step || ':' || row_index || ':' || group_index) FROM rollouts") == [(12, 12)]
+    assert q(short_run.db, "SELECT count(*), count(DISTINCT step || ':' || row_index || ':' || group_index) "
+                           "FROM rollouts WHERE kind = 'train'") == [(12, 12)]
     assert q(short_run.db, "SELECT status FROM runs") == [("finished",)]
 
 
@@ -30,7 +32,7 @@ def test_model_tokens_carry_both_logprobs_and_prompt_tokens_none(short_run):
     [(model_tokens, with_both, prompt_with_lp)] = q(short_run.db, """
         SELECT sum(is_model), sum(is_model AND gen_logprob IS NOT NULL AND train_logprob IS NOT NULL),
                sum(NOT is_model AND gen_logprob != 0)
-        FROM tokens""")
+        FROM tokens JOIN rollouts ON rollouts.id = tokens.rollout_id WHERE kind = 'train'""")
     assert model_tokens > 0
     assert with_both == model_tokens
     assert not prompt_with_lp
@@ -52,8 +54,19 @@ def test_step_metrics_include_the_time_split_and_loop_lag(short_run):
 
 def test_every_row_was_sent_at_the_training_temperature(short_run):
     # the shipped rows name no temperature; the loop sets grpo.temperature (1.0) and top_p 1 on each
-    params = [json.loads(r[0])["responses_create_params"] for r in q(short_run.db, "SELECT result FROM rollouts")]
+    params = [json.loads(r[0])["responses_create_params"]
+              for r in q(short_run.db, "SELECT result FROM rollouts WHERE kind = 'train'")]
     assert params and all((p["temperature"], p["top_p"]) == (1.0, 1.0) for p in params)
+
+
+def test_eval_rows_run_greedy_after_every_second_step_and_are_never_trained(short_run):
+    rows = q(short_run.db, "SELECT step, env, advantage, result FROM rollouts WHERE kind = 'eval' ORDER BY id")
+    assert [(step, env, adv) for step, env, adv, _ in rows] == [(2, "addition", 0.0), (2, "addition", 0.0)]
+    assert all(json.loads(r[3])["responses_create_params"]["temperature"] == 0.0 for r in rows)
+    [(eval_mean, per_env)] = q(short_run.db, "SELECT eval_reward_mean, eval_reward_addition_mean FROM steps WHERE step = 2")
+    assert eval_mean == per_env == sum(json.loads(r[3])["reward"] for r in rows) / 2
+    assert q(short_run.db, "SELECT count(*) FROM tokens JOIN rollouts ON rollouts.id = tokens.rollout_id "
+                           "WHERE kind = 'eval' AND train_logprob IS NOT NULL") == [(0,)]
 
 
 def test_gym_result_is_stored_whole(short_run):
@@ -107,3 +120,27 @@ def test_rerun_without_resume_refuses_to_overwrite(short_run, tiny_model):
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 2
     assert "--resume" in p.stderr
+
+
+def test_sighup_ends_the_run_with_its_status_written_and_no_gym_process_left(tiny_model, tmp_path):
+    from gym.servers import group_pids, pids_mentioning
+
+    cmd = trainer_cmd(tiny_model, tmp_path, "hup", "--set", "grpo.steps=50")
+    db = tmp_path / "hup" / "rollouts.db"
+    spec = str(tmp_path / "hup" / "gym" / "spec.json")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        if db.exists() and q(db, "SELECT count(*) FROM steps")[0][0] >= 1:
+            break
+        assert proc.poll() is None, "run ended before it could be hung up"
+        time.sleep(0.5)
+    [launcher] = pids_mentioning(spec)
+    pgid = os.getpgid(launcher)
+    proc.send_signal(signal.SIGHUP)
+    assert proc.wait(timeout=120) != 0
+    assert q(db, "SELECT status FROM runs") == [("interrupted",)]
+    deadline = time.time() + 30
+    while group_pids(pgid) and time.time() < deadline:
+        time.sleep(0.2)
+    assert group_pids(pgid) == []
