@@ -22,7 +22,7 @@ from store import metrics as M
 from store.records import ROLLOUT_KINDS
 
 if TYPE_CHECKING:
-    from gym.types import ServerStatus  # only its attributes are read: name, kind, up, restarts, log_path, url
+    from gym.protocol import ServerStatus  # only its attributes are read: name, kind, up, restarts, log_path, url
 
 HERE = Path(__file__).resolve().parent
 STATIC = {"htmx.min.js": "text/javascript", "style.css": "text/css"}

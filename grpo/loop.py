@@ -24,7 +24,7 @@ from engine.engine import Engine
 from engine.server import SamplingPin
 from gym.rollouts import collect, env_metrics, row_env
 from gym.servers import GymServers
-from gym.types import Rollout
+from gym.rollout import Rollout
 from store import metrics as M
 from store.db import RunStore
 from store.records import RolloutRecord, StepRecord

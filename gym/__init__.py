@@ -5,5 +5,6 @@
     from gym.rollouts import collect, env_metrics, load_env_rows, load_rows
     from gym.sequence import build_sequence, ContiguityError
 
-Kept import-free so `from gym.types import ...` stays cheap (the dashboard only needs the types).
+Kept import-free so `from gym.protocol import ServerStatus` stays cheap (the dashboard needs only that).
+`proctree.py` and `protocol.py` are standard-library only: gym/launcher.py loads them inside the Gym venv.
 """

@@ -2,8 +2,10 @@
 
     .venv-gym/bin/python -P gym/launcher.py SPEC.json
 
-This file imports only the standard library and nemo_gym (plus what nemo_gym itself ships, such as
-omegaconf and pyyaml): the trainer's own packages live in another venv with another Python.
+This file imports only the standard library, nemo_gym (plus what it ships, such as omegaconf) and,
+by file path, three stdlib-only siblings: protocol.py (the spec and status records, shared with
+gym/servers.py), proctree.py (/proc helpers, shared too) and gym_internals.py (every use of
+nemo_gym's private API). The trainer's own packages live in another venv with another Python.
 
 What it does:
 - builds the Gym global config from the spec (no CLI parsing, no .env file), points each server's
@@ -11,17 +13,14 @@ What it does:
 - drops the environment servers (`/run` relays; rollouts go straight to the agents) and starts a
   lean Ray only if a remaining server still uses Ray,
 - starts everything with RunHelper (head server in this process, every server as a subprocess),
-- writes `status.json` (spec["status_path"]) so the trainer sees every server, its pid, restarts,
-- restarts a server whose process died, or that stopped accepting connections, on the same port,
+- writes `status.json` (spec.status_path) so the trainer sees every server, its pid, restarts,
+- restarts a server whose process died, or that answered no HTTP request for spec.hung_after_s
+  (a stopped or deadlocked process still accepts TCP connections), on the same port; it is the
+  only place that restarts a server,
 - stops everything on SIGTERM/SIGINT, or when the process that started it is gone, and finally
   kills whatever is left in its process group (Ray daemons included).
 
-Spec (JSON, or YAML by suffix): config_paths, policy_base_url, policy_api_key, policy_model_name,
-head_server {host, port}, port_range_low/high, server_spinup_timeout_seconds,
-model_endpoint_readiness_timeout_seconds, overrides (merged over the Gym config),
-skip_venv_if_present (default true), gym_venv (default: this venv), venv_root, server_log_dir,
-status_path (defaults beside the spec), parent_pid, drop_environment_servers (default true),
-ray ("auto" | true | false), ray_num_cpus.
+The spec is a protocol.LaunchSpec written as JSON.
 
 The trainer starts it as the leader of a new process group and ends that group; this file makes
 the same guarantee from the inside, so a trainer killed with SIGKILL still leaves nothing behind.
@@ -30,25 +29,17 @@ the same guarantee from the inside, so a trainer killed with SIGKILL still leave
 from __future__ import annotations
 
 import os
+import signal
 import sys
-
-# Run as a script, this file's folder (gym/) leads sys.path, and gym/types.py would shadow the
-# stdlib `types` module for everything imported below. Drop it before any other import.
-if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
-import json  # noqa: E402
-import signal  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-import traceback  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
 
 WATCH_INTERVAL_S = 0.5
-# A server whose process is alive but that has answered no HTTP request for this long is hung
-# (spec["hung_after_s"] overrides it); each probe waits at most PROBE_DEADLINE_S.
-HUNG_AFTER_S = 10.0
+# A server whose process is alive but that has answered no HTTP request for spec.hung_after_s is
+# hung; each probe waits at most PROBE_DEADLINE_S.
 PROBE_DEADLINE_S = 2.0
 
 
@@ -81,28 +72,21 @@ def _watch_parent(parent_pid: int) -> None:
         time.sleep(WATCH_INTERVAL_S)
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+def _load_sibling(name: str) -> Any:
+    """A stdlib-only module beside this file, loaded by path: this script runs in the Gym venv,
+    where our package is not importable (and must not be: its other modules need torch)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_launcher_{name}", Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
-def _group_members(pgid: int) -> list[int]:
-    """Pids in process group `pgid` other than this process (read from /proc, stdlib only)."""
-    me = os.getpid()
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        # Fields after the parenthesised command: state ppid pgrp ...
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            pids.append(int(entry))
-    return pids
+proctree = _load_sibling("proctree")
+protocol = _load_sibling("protocol")   # LaunchSpec, LauncherStatus: shared with gym/servers.py
+internals = _load_sibling("gym_internals")   # every use of nemo_gym's private API
 
 
 def _kill_group_members(grace_s: float = 3.0) -> None:
@@ -110,73 +94,12 @@ def _kill_group_members(grace_s: float = 3.0) -> None:
     pgid = os.getpgid(0)
     if pgid != os.getpid():
         return  # started without a group of our own: never signal a group we do not own
-    pids = _group_members(pgid)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and _group_members(pgid):
-        time.sleep(0.1)
-    for pid in _group_members(pgid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def _descendants(root: int) -> list[int]:
-    """All live descendants of `root`, from /proc (children before grandchildren)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z":
-            children.setdefault(int(fields[1]), []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(0), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def _terminate(pids: list[int], grace_s: float) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() and not _is_zombie(p) for p in pids):
-        time.sleep(0.05)
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
-
+    proctree.terminate(proctree.group_pids(pgid, exclude_self=True), grace_s)
 
 
 def _instance_pids(env_var: str, name: str) -> list[int]:
     """Processes of our group that run Gym server instance `name` (Gym sets `env_var`=name)."""
-    marker = f"{env_var}={name}".encode()
-    found = []
-    for pid in _group_members(os.getpgid(0)):
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if marker in environ:
-            found.append(pid)
-    return found
+    return proctree.pids_with_env(proctree.group_pids(os.getpgid(0), exclude_self=True), env_var, name)
 
 
 def _server_entries(global_config_dict: Any) -> list[tuple[str, str, str, str]]:
@@ -186,11 +109,9 @@ def _server_entries(global_config_dict: Any) -> list[tuple[str, str, str, str]]:
     """
     from omegaconf import DictConfig
 
-    from nemo_gym.global_config import NEMO_GYM_RESERVED_TOP_LEVEL_KEYS
-
     entries = []
     for top_level, value in global_config_dict.items():
-        if top_level in NEMO_GYM_RESERVED_TOP_LEVEL_KEYS or not isinstance(value, DictConfig):
+        if top_level in internals.reserved_top_level_keys() or not isinstance(value, DictConfig):
             continue
         server_type = next(iter(value), None)
         inner = value.get(server_type) if server_type is not None else None
@@ -206,10 +127,8 @@ def _server_entries(global_config_dict: Any) -> list[tuple[str, str, str, str]]:
 
 def _declares_no_ray(entry: tuple[str, str, str, str]) -> bool:
     """Whether a server's entrypoint says `ray_enabled = False` (Gym's opt-out of Ray)."""
-    from nemo_gym.cli.env import _resolve_server_dir
-
     _, server_type, server_name, entrypoint = entry
-    app = _resolve_server_dir(Path(server_type, server_name)) / entrypoint
+    app = internals.server_dir(server_type, server_name) / entrypoint
     try:
         return "ray_enabled = False" in app.read_text()
     except OSError:
@@ -248,7 +167,7 @@ def _http_answers(host: str, port: int, timeout_s: float = PROBE_DEADLINE_S) -> 
 
 
 class Launcher:
-    def __init__(self, spec: dict, status_path: Path) -> None:
+    def __init__(self, spec: Any, status_path: Path) -> None:  # spec: protocol.LaunchSpec
         self.spec = spec
         self.status_path = status_path
         self.rh: Any = None
@@ -271,21 +190,21 @@ class Launcher:
 
         spec = self.spec
         initial = {
-            "config_paths": list(spec["config_paths"]),
-            "policy_base_url": spec["policy_base_url"],
-            "policy_api_key": spec.get("policy_api_key") or "unused",
-            "policy_model_name": spec["policy_model_name"],
-            "head_server": dict(spec.get("head_server") or {"host": "127.0.0.1", "port": 11000}),
-            "skip_venv_if_present": bool(spec.get("skip_venv_if_present", True)),
-            "uv_venv_dir": str(spec["venv_root"]),
-            "nemo_gym_log_dir": str(spec["server_log_dir"]),
+            "config_paths": list(spec.config_paths),
+            "policy_base_url": spec.policy_base_url,
+            "policy_api_key": spec.policy_api_key or "unused",
+            "policy_model_name": spec.policy_model_name,
+            "head_server": dict(spec.head_server),
+            "skip_venv_if_present": spec.skip_venv_if_present,
+            "uv_venv_dir": spec.venv_root,
+            "nemo_gym_log_dir": spec.server_log_dir,
         }
         for key in ("port_range_low", "port_range_high", "server_spinup_timeout_seconds",
                     "model_endpoint_readiness_timeout_seconds"):
-            if spec.get(key) is not None:
-                initial[key] = spec[key]
+            if getattr(spec, key) is not None:
+                initial[key] = getattr(spec, key)
         cfg = DictConfig(initial)
-        overrides = spec.get("overrides") or {}
+        overrides = spec.overrides
         if overrides:
             from omegaconf import OmegaConf
 
@@ -300,35 +219,25 @@ class Launcher:
     def write_status(self) -> None:
         from nemo_gym.global_config import get_global_config_dict
 
-        servers = {}
-        head = None
+        out = protocol.LauncherStatus(state=self.state, error=self.error, launcher_pid=os.getpid(), time=time.time())
         try:
             gcd = get_global_config_dict()
-            head = f"http://{gcd.head_server.host}:{gcd.head_server.port}"
+            out.head_url = f"http://{gcd.head_server.host}:{gcd.head_server.port}"
             for name, server_type, server_name, _ in self.entries:
                 cfg = gcd[name][server_type][server_name]
-                process = (self.rh._processes or {}).get(name) if self.rh is not None else None
-                servers[name] = {
-                    "type": server_type,
-                    "server": server_name,
-                    "host": str(cfg.get("host")),
-                    "port": int(cfg.get("port")) if cfg.get("port") is not None else None,
-                    "pid": process.pid if process is not None else None,
-                    "alive": process is not None and process.poll() is None,
-                    "restarts": self.restarts.get(name, 0),
-                    **({"at_failure": self.health[name]} if self.health and name in self.health else {}),
-                    "log_path": str(Path(self.spec["server_log_dir"]) / f"{name.replace('/', '_')}.log"),
-                }
+                process = internals.processes(self.rh).get(name)
+                out.servers[name] = protocol.ServerState(
+                    type=server_type, server=server_name, host=str(cfg.get("host")),
+                    port=int(cfg.get("port")) if cfg.get("port") is not None else None,
+                    pid=process.pid if process is not None else None,
+                    alive=process is not None and process.poll() is None,
+                    restarts=self.restarts.get(name, 0),
+                    log_path=str(Path(self.spec.server_log_dir) / f"{name.replace('/', '_')}.log"),
+                    at_failure=(self.health or {}).get(name),
+                )
         except Exception:  # status must never take the launcher down
             pass
-        _write_json_atomic(self.status_path, {
-            "state": self.state,
-            "error": self.error,
-            "launcher_pid": os.getpid(),
-            "head_url": head,
-            "servers": servers,
-            "time": time.time(),
-        })
+        out.write(self.status_path)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -339,11 +248,11 @@ class Launcher:
         # Resolved once and cached by Gym: RunHelper.start below reuses this very dict.
         gcd = get_global_config_dict(global_config_dict_parser_config=parser_config)
         self.entries = _server_entries(gcd)
-        if self.spec.get("drop_environment_servers", True):
+        if self.spec.drop_environment_servers:
             self.drop_environment_servers(gcd)
-        _link_venvs(self.entries, Path(self.spec["venv_root"]), Path(self.spec["gym_venv"]))
+        _link_venvs(self.entries, Path(self.spec.venv_root), Path(self.spec.gym_venv))
         self.write_status()
-        use_ray = self.spec.get("ray", "auto")
+        use_ray = self.spec.ray
         if use_ray == "auto":
             use_ray = not all(_declares_no_ray(entry) for entry in self.entries)
         if use_ray:
@@ -351,9 +260,7 @@ class Launcher:
         else:
             # Nothing here uses Ray: skip the cluster RunHelper would start (seconds and a dozen
             # processes on a small box).
-            import nemo_gym.cli.env
-
-            nemo_gym.cli.env.initialize_ray = lambda: None
+            internals.skip_ray_start()
         launcher = self
 
         class _RunHelper(RunHelper):
@@ -379,7 +286,7 @@ class Launcher:
         health = {}
         for name, server_type, server_name, _ in self.entries:
             cfg = gcd[name][server_type][server_name]
-            process = (getattr(self.rh, "_processes", None) or {}).get(name)
+            process = internals.processes(self.rh).get(name)
             health[name] = {
                 "alive": process is not None and process.poll() is None,
                 "answering": _http_answers(str(cfg.host), int(cfg.port), timeout_s=0.5),
@@ -413,7 +320,7 @@ class Launcher:
 
         ray.init(
             include_dashboard=False,
-            num_cpus=int(self.spec.get("ray_num_cpus", 1)),
+            num_cpus=int(self.spec.ray_num_cpus),
             log_to_driver=False,
             ignore_reinit_error=True,
         )
@@ -424,41 +331,20 @@ class Launcher:
 
     def restart_server(self, name: str) -> None:
         """Start one server again with the command RunHelper used, on the port it had."""
-        from omegaconf import OmegaConf
-
-        from nemo_gym.cli.env import _resolve_server_dir, _server_launch_command
-        from nemo_gym.cli.setup_command import run_command
-        from nemo_gym.global_config import (
-            NEMO_GYM_CONFIG_DICT_ENV_VAR_NAME,
-            NEMO_GYM_CONFIG_PATH_ENV_VAR_NAME,
-            get_global_config_dict,
-        )
+        from nemo_gym.global_config import get_global_config_dict
 
         gcd = get_global_config_dict()
         _, server_type, server_name, entrypoint = next(e for e in self.entries if e[0] == name)
         # Whatever still runs as this server (a hung one, or a child its wrapper left behind)
         # holds the port: end it first.
-        stale = _instance_pids(NEMO_GYM_CONFIG_PATH_ENV_VAR_NAME, name)
-        _terminate(stale, grace_s=3.0)
-        for pid in stale:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        old = self.rh._processes.get(name)
+        proctree.terminate(_instance_pids(internals.instance_env_var(), name), grace_s=3.0)
+        old = internals.processes(self.rh).get(name)
         if old is not None:
             try:
                 old.wait(timeout=5)
             except Exception:
                 pass
-        dir_path = _resolve_server_dir(Path(server_type, server_name))
-        command = _server_launch_command(dir_path, gcd, name, Path(entrypoint))
-        extra_env = {
-            # The same config RunHelper handed out (Ray's address included), so ports stay put.
-            NEMO_GYM_CONFIG_DICT_ENV_VAR_NAME: OmegaConf.to_yaml(gcd),
-            NEMO_GYM_CONFIG_PATH_ENV_VAR_NAME: name,
-        }
-        self.rh._processes[name] = run_command(command, dir_path, server_name=name, extra_env=extra_env)
+        internals.relaunch(self.rh, gcd, name, server_type, server_name, entrypoint)
         self.restarts[name] = self.restarts.get(name, 0) + 1
         self.refused_since.pop(name, None)
         # A server that dies again before it ever answers waits longer each time (crash loop).
@@ -474,11 +360,11 @@ class Launcher:
 
         gcd = get_global_config_dict()
         while True:
-            if not self.rh._head_server_thread.is_alive():
+            if not internals.head_server_alive(self.rh):
                 raise RuntimeError("the Gym head server thread stopped")
             for name, server_type, server_name, _ in self.entries:
                 now = time.monotonic()
-                process = self.rh._processes.get(name)
+                process = internals.processes(self.rh).get(name)
                 if process is None or process.poll() is not None:
                     if now >= self.not_before.get(name, 0.0):
                         code = None if process is None else process.returncode
@@ -493,7 +379,7 @@ class Launcher:
                     # Only a server that answered since its (re)start can be hung; one still
                     # importing its dependencies is just slow.
                     since = self.refused_since.setdefault(name, now)
-                    if time.monotonic() - since > float(self.spec.get("hung_after_s", HUNG_AFTER_S)):
+                    if time.monotonic() - since > self.spec.hung_after_s:
                         print(f"[launcher] `{name}` alive but answered no HTTP request for "
                               f"{time.monotonic() - since:.0f} s (hung): restarting", flush=True)
                         self.restart_server(name)
@@ -504,10 +390,10 @@ class Launcher:
             self.snapshot_health()
         # RunHelper.shutdown signals only the bash wrappers and waits 1 s on each in turn, and the
         # servers under them never see the signal; so first end every server process at once.
-        processes = dict(getattr(self.rh, "_processes", None) or {}) if self.rh is not None else {}
-        pids = [p for proc in processes.values() for p in [proc.pid, *_descendants(proc.pid)]]
-        _terminate(pids, grace_s=3.0)
-        if self.rh is not None and getattr(self.rh, "_processes", None) is not None:
+        processes = dict(internals.processes(self.rh))
+        pids = [p for proc in processes.values() for p in [proc.pid, *proctree.descendants(proc.pid)]]
+        proctree.terminate(pids, grace_s=3.0)
+        if internals.processes(self.rh):
             try:
                 self.rh.shutdown()
             except Exception:
@@ -522,33 +408,21 @@ class Launcher:
         _kill_group_members()
 
 
-def _load_spec(path: Path) -> dict:
-    text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        return yaml.safe_load(text)
-    return json.loads(text)
-
-
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print(__doc__, file=sys.stderr)
         return 2
     spec_path = Path(argv[1]).resolve()
-    spec = _load_spec(spec_path)
+    spec = protocol.LaunchSpec.read(spec_path)
     # Offline machines: Ray must not try to report usage (inherited by every server process).
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    spec.setdefault("gym_venv", sys.prefix)
-    spec.setdefault("venv_root", str(spec_path.parent / "venvs"))
-    spec.setdefault("server_log_dir", str(spec_path.parent / "servers"))
-    status_path = Path(spec.get("status_path") or spec_path.parent / "status.json")
+    status_path = Path(spec.status_path)
 
     launcher = Launcher(spec, status_path)
     code = 0
     try:
         _install_signal_handlers()
-        parent_pid = spec.get("parent_pid")
+        parent_pid = spec.parent_pid
         if parent_pid:
             threading.Thread(target=_watch_parent, args=(int(parent_pid),), daemon=True).start()
         launcher.start()

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from gym.sequence import build_sequence, episode_shape
-from gym.types import Rollout
+from gym.rollout import Rollout
 
 if TYPE_CHECKING:
     from gym.config import GymConfig

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from gym.types import ModelCall, TokenSequence
+from gym.rollout import ModelCall, TokenSequence
 
 # Output items the model produced. Everything else (function_call_output, user/observation
 # messages) came from the agent or the environment.

@@ -3,21 +3,21 @@
 `GymServers.start()` runs gym/launcher.py with the Gym venv's Python as the leader of a new
 process group; the launcher starts the head server, Ray and every configured server inside that
 group. So one `killpg` ends everything, and:
-- `stop()` (also run at exit and on SIGTERM) ends the group: SIGTERM, a grace period, SIGKILL;
+- `stop()` (also run at exit) ends the group: SIGTERM, a grace period, SIGKILL (signals are
+  trainer.py's: it turns SIGINT/SIGTERM/SIGHUP into a clean stop);
 - if the trainer dies without running anything (SIGKILL), the launcher sees its parent gone and
   ends the group itself.
 
-Who restarts what: the launcher owns the server processes and restarts one that dies (or that
-stops accepting connections while alive) on the same port; the watchdog here restarts the whole
-group when the launcher itself is gone, and tracks which servers answer for `status()` and for
-`wait_healthy()`, which rollouts call before retrying a failed post.
+Who restarts what: the launcher alone restarts servers (one that dies, or that answers no HTTP
+request for `gym.hung_after_s`) on the same port; this side reads its status (gym/protocol.py),
+relaunches the launcher only if the launcher itself is gone, and probes which servers answer, for
+`status()` and for `wait_healthy()`, which rollouts call before retrying a failed post.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
-import json
 import os
 import signal
 import socket
@@ -31,15 +31,10 @@ from typing import Any
 import aiohttp
 
 from gym.config import GymConfig
-from gym.types import ServerStatus
+from gym.proctree import descendants, group_pids, pids_mentioning
+from gym.protocol import KINDS, LaunchSpec, LauncherStatus, ServerStatus
 
 LAUNCHER = Path(__file__).resolve().parent / "launcher.py"
-_KIND = {
-    "resources_servers": "resources",
-    "responses_api_agents": "agent",
-    "responses_api_models": "model",
-    "environment_servers": "environment",
-}
 _LIVE: "weakref.WeakSet[GymServers]" = weakref.WeakSet()
 MAX_FAILED_GROUP_RESTARTS = 3
 
@@ -62,58 +57,6 @@ def tail(path: Path | str | None, lines: int = 30) -> str:
         f.seek(max(0, f.tell() - 64_000))
         text = f.read().decode("utf-8", "replace")
     return "\n".join(text.splitlines()[-lines:])
-
-
-def group_pids(pgid: int) -> list[int]:
-    """Live (non-zombie) pids whose process group is `pgid`."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            pids.append(int(entry))
-    return pids
-
-
-def descendants(root: int) -> list[int]:
-    """Live descendants of `root` (children first), from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z":
-            children.setdefault(int(fields[1]), []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(0), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def pids_mentioning(text: str) -> list[int]:
-    """Live pids whose command line contains `text`."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
-            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if text in cmdline and state != "Z":
-            found.append(int(entry))
-    return found
 
 
 async def _port_answers(host: str, port: int, timeout_s: float = 2.0) -> bool:
@@ -141,7 +84,7 @@ class GymServers:
         self._start_args: tuple[str, str, str | None, Path] | None = None
         self._head_port: int | None = None
         self._instances: dict[str, dict[str, Any]] = {}   # from the head server's /server_instances
-        self._status: dict[str, Any] = {}                 # the launcher's status.json
+        self._status = LauncherStatus()                   # the launcher's status.json
         self._up: dict[str, bool] = {}                    # port probes by the watchdog
         self._watchdog: asyncio.Task | None = None
         self._healthy = asyncio.Event()
@@ -158,27 +101,19 @@ class GymServers:
         await self._launch()
         self._watchdog = asyncio.get_running_loop().create_task(self._watch(), name="gym-watchdog")
 
-    def _spec(self, policy_base_url: str, model_name: str, api_key: str | None, log_dir: Path) -> dict[str, Any]:
+    def _spec(self, policy_base_url: str, model_name: str, api_key: str | None, log_dir: Path) -> LaunchSpec:
         cfg = self.config
-        return {
-            "config_paths": cfg.config_paths(),
-            "policy_base_url": policy_base_url,
-            "policy_api_key": api_key or "unused",
-            "policy_model_name": model_name,
-            "head_server": {"host": "127.0.0.1", "port": self._head_port},
-            "port_range_low": cfg.port_range[0],
-            "port_range_high": cfg.port_range[1],
-            "server_spinup_timeout_seconds": cfg.startup_timeout_s,
-            "model_endpoint_readiness_timeout_seconds": cfg.startup_timeout_s,
-            "skip_venv_if_present": True,
-            "overrides": cfg.gym_overrides(),
-            "gym_venv": str(cfg.venv_path()),
-            "venv_root": str(log_dir / "venvs"),
-            "server_log_dir": str(log_dir / "servers"),
-            "status_path": str(log_dir / "status.json"),
-            "parent_pid": os.getpid(),
-            "hung_after_s": cfg.hung_after_s,
-        }
+        return LaunchSpec(
+            config_paths=[str(p) for p in cfg.config_paths()], policy_base_url=policy_base_url,
+            policy_api_key=api_key or "unused", policy_model_name=model_name,
+            head_server={"host": "127.0.0.1", "port": self._head_port},
+            port_range_low=cfg.port_range[0], port_range_high=cfg.port_range[1],
+            server_spinup_timeout_seconds=cfg.startup_timeout_s,
+            model_endpoint_readiness_timeout_seconds=cfg.startup_timeout_s,
+            overrides=cfg.gym_overrides(), gym_venv=str(cfg.venv_path()), venv_root=str(log_dir / "venvs"),
+            server_log_dir=str(log_dir / "servers"), status_path=str(log_dir / "status.json"),
+            parent_pid=os.getpid(), hung_after_s=cfg.hung_after_s,
+        )
 
     async def _launch(self) -> None:
         assert self._start_args is not None
@@ -188,13 +123,13 @@ class GymServers:
         if self._head_port is None:
             self._head_port = self.config.head_port or free_port()
         spec = self._spec(policy_base_url, model_name, api_key, log_dir)
-        (log_dir / "spec.json").write_text(json.dumps(spec, indent=1))
+        spec.write(log_dir / "spec.json")
         status_path = log_dir / "status.json"
         status_path.unlink(missing_ok=True)
-        self._status, self._instances, self._up = {}, {}, {}
+        self._status, self._instances, self._up = LauncherStatus(), {}, {}
         self._healthy.clear()
         with open(log_dir / "launcher.log", "ab") as log:
-            # -P: the script's folder (gym/) must not lead sys.path, or gym/types.py shadows `types`.
+            # -P: our sibling modules (gym/config.py, ...) must not lead the Gym venv's sys.path.
             self._proc = subprocess.Popen(
                 [str(self.config.venv_path() / "bin" / "python"), "-P", str(LAUNCHER), str(log_dir / "spec.json")],
                 cwd=str(log_dir), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -217,23 +152,23 @@ class GymServers:
         deadline = time.monotonic() + timeout_s
         while True:
             self._status = self._read_status()
-            state = self._status.get("state")
+            state = self._status.state
             if state == "ready":
                 return
             exited = self._proc.poll() is not None
             if state == "failed" or exited or time.monotonic() > deadline:
-                why = self._status.get("error") or (
+                why = self._status.error or (
                     f"launcher exited with code {self._proc.returncode}" if exited else f"not ready after {timeout_s:.0f}s")
                 raise GymStartError(await self._explain(why))
             await asyncio.sleep(0.25)
 
     async def _explain(self, why: str) -> str:
         """Name the servers that exited (else those not answering), with the end of each one's log."""
-        servers = self._status.get("servers") or {}
+        servers = self._status.servers
         # The launcher records who was up when the start failed, before it stopped them all.
-        health = {n: s["at_failure"] for n, s in servers.items() if "at_failure" in s}
+        health = {n: s.at_failure for n, s in servers.items() if s.at_failure is not None}
         if not health:
-            health = {n: {"alive": True, "answering": bool(s.get("port") and await _port_answers(s["host"], s["port"]))}
+            health = {n: {"alive": True, "answering": bool(s.port and await _port_answers(s.host, s.port))}
                       for n, s in servers.items()}
         exited = [n for n, h in health.items() if not h["alive"]]
         silent = [n for n, h in health.items() if h["alive"] and not h["answering"]]
@@ -243,16 +178,16 @@ class GymServers:
         if silent:
             parts.append(f"not answering yet: {', '.join(silent)}")
         for name in exited or silent:
-            parts.append(f"--- {name} ({servers[name].get('log_path')}) ---\n{tail(servers[name].get('log_path'))}")
+            parts.append(f"--- {name} ({servers[name].log_path}) ---\n{tail(servers[name].log_path)}")
         assert self.log_dir is not None
         parts.append(f"--- launcher ({self.log_dir / 'launcher.log'}) ---\n{tail(self.log_dir / 'launcher.log', 40)}")
         return "\n".join(parts)
 
-    def _read_status(self) -> dict[str, Any]:
+    def _read_status(self) -> LauncherStatus:
         if self.log_dir is None:
-            return {}
+            return LauncherStatus()
         try:
-            return json.loads((self.log_dir / "status.json").read_text())
+            return LauncherStatus.read(self.log_dir / "status.json")
         except (OSError, ValueError):
             return self._status   # not written yet, or mid-replace: keep the last one
 
@@ -281,8 +216,8 @@ class GymServers:
 
     def server_pids(self, name: str) -> list[int]:
         """The pids serving one Gym server: its shell wrapper and everything under it."""
-        pid = ((self._status.get("servers") or {}).get(name) or {}).get("pid")
-        return [pid, *descendants(pid)] if pid else []
+        state = self._status.servers.get(name)
+        return [state.pid, *descendants(state.pid)] if state and state.pid else []
 
     def processes(self) -> list[int]:
         """Every live process of this Gym run: its process group, plus anything that left the group
@@ -295,7 +230,7 @@ class GymServers:
     @property
     def restarts(self) -> int:
         """Every restart so far: single servers (by the launcher) and whole groups (by the watchdog)."""
-        return self.group_restarts + sum(s.get("restarts", 0) for s in (self._status.get("servers") or {}).values())
+        return self.group_restarts + sum(s.restarts for s in self._status.servers.values())
 
     def status(self) -> list[ServerStatus]:
         launcher_up = self._proc is not None and self._proc.poll() is None
@@ -306,11 +241,10 @@ class GymServers:
             ServerStatus(name="head", kind="head", up=launcher_up and self._up.get("head", launcher_up),
                          restarts=self.group_restarts, log_path=str(log_dir / "launcher.log"), url=self.head_url),
         ]
-        for name, s in (self._status.get("servers") or {}).items():
+        for name, s in self._status.servers.items():
             out.append(ServerStatus(
-                name=name, kind=_KIND.get(s.get("type"), s.get("type") or "?"),
-                up=bool(self._up.get(name, False)), restarts=int(s.get("restarts", 0)),
-                log_path=str(s.get("log_path")), url=f"http://{s['host']}:{s['port']}" if s.get("port") else None,
+                name=name, kind=KINDS.get(s.type, s.type or "?"), up=bool(self._up.get(name, False)),
+                restarts=s.restarts, log_path=s.log_path, url=f"http://{s.host}:{s.port}" if s.port else None,
             ))
         return out
 
@@ -344,15 +278,15 @@ class GymServers:
                   file=sys.stderr, flush=True)
             await self.restart_group()
             return
-        before = {n: v.get("restarts", 0) for n, v in (self._status.get("servers") or {}).items()}
+        before = {n: v.restarts for n, v in self._status.servers.items()}
         self._status = self._read_status()
-        for name, v in (self._status.get("servers") or {}).items():
-            if v.get("restarts", 0) > before.get(name, v.get("restarts", 0)):
-                print(f"[gym] `{name}` was restarted by the launcher (restart #{v['restarts']}; dead or hung); "
+        for name, v in self._status.servers.items():
+            if v.restarts > before.get(name, v.restarts):
+                print(f"[gym] `{name}` was restarted by the launcher (restart #{v.restarts}; dead or hung); "
                       "its rollouts are retried", file=sys.stderr, flush=True)
         probes: dict[str, Any] = {"head": ("127.0.0.1", self._head_port)}
-        for name, s in (self._status.get("servers") or {}).items():
-            probes[name] = (s.get("host"), s.get("port"))
+        for name, s in self._status.servers.items():
+            probes[name] = (s.host, s.port)
         names = list(probes)
         answers = await asyncio.gather(*(_port_answers(h, p) if p else _false() for h, p in probes.values()))
         self._up = dict(zip(names, answers))

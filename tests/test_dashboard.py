@@ -25,8 +25,9 @@ from starlette.testclient import TestClient
 
 from dashboard.app import dashboard_routes
 from dashboard.charts import Series, line_chart, nice_ticks, tick_labels
-from gym.types import ServerStatus
+from gym.protocol import ServerStatus
 from store import DB_NAME, RolloutRecord, RunStore, StepRecord, ro_query
+from store import metrics as M
 
 SCREENSHOTS = Path(__file__).resolve().parent.parent / "test-output" / "screenshots"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -184,9 +185,24 @@ class RunWriter:
         now = time.time()
         return StepRecord(step=step, policy_version=step, metrics=metrics, started_at=now - 5.3, finished_at=now)
 
-    def write_step(self, store: RunStore, step: int, rollouts: list[RolloutRecord] | None = None) -> None:
+    def eval_rollouts(self, step: int) -> list[RolloutRecord]:
+        """Greedy rollouts of the eval rows, as grpo.eval_every stores them: never trained on."""
+        out = []
+        for row, (question, expected) in enumerate(self.SM_ROWS):
+            r = self.string_match(step, row, 0, f"\\boxed{{{expected}}}" if row == 0 else "I do not know.")
+            r.kind, r.advantage, r.train_logprobs = "eval", 0.0, []
+            out.append(r)
+        return out
+
+    def write_step(self, store: RunStore, step: int, rollouts: list[RolloutRecord] | None = None,
+                   evaluate: bool = False) -> None:
         rollouts = self.with_advantages(rollouts if rollouts is not None else self.step_rollouts(step))
-        store.write_step(self.step_record(step, rollouts), rollouts)
+        record = self.step_record(step, rollouts)
+        evals = self.eval_rollouts(step) if evaluate else []
+        if evals:
+            record.metrics[M.EVAL_REWARD_MEAN] = sum(r.reward for r in evals) / len(evals)
+            record.metrics[M.eval_env_reward("string_match")] = record.metrics[M.EVAL_REWARD_MEAN]
+        store.write_step(record, rollouts + evals)
 
 
 @pytest.fixture(scope="session")
@@ -199,10 +215,18 @@ def tokenizer():
 
 
 @pytest.fixture(scope="session")
-def filled_run(short_run) -> tuple[Path, str]:
-    """The store of a real short training run (trainer.py, tiny model, real vLLM and Gym):
-    (runs_dir, run_name)."""
-    return short_run.runs_dir, short_run.name
+def filled_run(tokenizer, tmp_path_factory) -> tuple[Path, str]:
+    """A finished 3-step run written by the store writer with trainer-shaped data (Gym results,
+    real SmolLM2 ids, both logprobs), evaluated after step 2: (runs_dir, run_name). The page tests
+    run on it in seconds; test_the_dashboard_of_a_real_training_run covers a real run."""
+    runs_dir = tmp_path_factory.mktemp("runs")
+    writer = RunWriter(tokenizer, seed=0)
+    with RunStore.open(runs_dir / "short") as store:
+        store.start_run("short", {"grpo": {"steps": 3}}, "smollm2")
+        for step in (1, 2, 3):
+            writer.write_step(store, step, evaluate=step == 2)
+        store.finish_run("finished")
+    return runs_dir, "short"
 
 
 # -- serving and browsing --------------------------------------------------------------------
@@ -328,6 +352,26 @@ def test_overview_shows_status_step_and_charts(site, page: Page):
     shot(page, "overview")
 
 
+@pytest.mark.slow
+def test_the_dashboard_of_a_real_training_run(short_run, page: Page):
+    # short_run: trainer.py on the tiny model with real vLLM and Gym, evaluating after step 2
+    run_dir = short_run.runs_dir / short_run.name
+    with serve(short_run.runs_dir) as url:
+        page.goto(f"{url}/runs/{short_run.name}")
+        assert page.inner_text("#run-status") == "finished"
+        assert page.get_attribute("#chart-reward", "data-last-x") == "3"
+        legend = page.locator("#chart-reward .legend li").all_inner_texts()
+        assert "addition" in legend and "eval addition" in legend, legend
+        (rid,), = sql(run_dir, "SELECT min(id) FROM rollouts WHERE step = 3")
+        page.goto(f"{url}/runs/{short_run.name}/rollouts/{rid}")
+        n_tokens = sql(run_dir, "SELECT count(*) FROM tokens WHERE rollout_id = ?", [rid])[0][0]
+        assert page.locator(".tokens .tok").count() == n_tokens
+        page.goto(f"{url}/runs/{short_run.name}/rollouts?kind=eval")
+        (n_eval,), = sql(run_dir, "SELECT count(*) FROM rollouts WHERE kind = 'eval'")
+        assert page.locator("#rollouts-table tbody tr").count() == n_eval == 2
+        shot(page, "real-run-eval-rollouts")
+
+
 def test_home_shows_the_newest_run(site, page: Page):
     from dashboard.data import run_names
 
@@ -382,10 +426,11 @@ def test_rollout_browser_filters(site, page: Page):
 def test_eval_during_training_has_its_own_reward_line_and_rollout_filter(site, page: Page):
     run, run_dir = site["run"], site["runs_dir"] / site["run"]
     evals = sql(run_dir, "SELECT id FROM rollouts WHERE kind = 'eval' ORDER BY id")
-    assert evals  # the short run evaluates after step 2
+    assert evals  # the run evaluated after step 2
     page.goto(f"{site['url']}/runs/{run}")
     legend = page.locator("#chart-reward .legend li").all_inner_texts()
-    assert any(t.startswith("eval addition") for t in legend), legend
+    for (env,) in sql(run_dir, "SELECT DISTINCT env FROM rollouts WHERE kind = 'eval'"):
+        assert f"eval {env}" in legend, legend
     page.goto(f"{site['url']}/runs/{run}/rollouts")
     page.select_option("select[name=kind]", "eval")
     page.click("form.filters button")

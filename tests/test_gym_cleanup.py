@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from gym.servers import group_pids, pids_mentioning
+from gym.proctree import group_pids, pids_mentioning
 
 pytestmark = pytest.mark.slow
 

@@ -92,3 +92,15 @@ def test_overrides_merge_env_then_global():
 def test_a_venv_without_python_is_an_error_naming_the_key(tmp_path: Path):
     with pytest.raises(ValidationError, match="venv: no Python at"):
         GymConfig(envs=[{"name": "sm", "config": "string_match", "train_data": SM_DATA}], venv=str(tmp_path))
+
+
+def test_every_nemo_gym_internal_the_launcher_uses_is_still_there():
+    # gym/gym_internals.py names what a Gym upgrade moved; the launcher would fail mid-run instead
+    import subprocess
+
+    venv_python = _cfg().venv_path() / "bin" / "python"
+    root = Path(__file__).resolve().parent.parent
+    p = subprocess.run([str(venv_python), "-P", str(root / "gym" / "gym_internals.py")],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.strip() == "all NeMo Gym internals present"

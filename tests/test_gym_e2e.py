@@ -22,7 +22,7 @@ import pytest
 from gym.config import GymConfig
 from gym.rollouts import collect, env_metrics, load_rows
 from gym.servers import GymServers
-from gym.types import Rollout
+from gym.rollout import Rollout
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ import copy
 import pytest
 
 from gym.sequence import ContiguityError, MissingTokenIdsError, build_sequence, episode_shape
-from gym.types import ModelCall
+from gym.rollout import ModelCall
 
 
 def _text(t: str) -> list[dict]:

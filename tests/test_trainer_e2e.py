@@ -123,7 +123,7 @@ def test_rerun_without_resume_refuses_to_overwrite(short_run, tiny_model):
 
 
 def test_sighup_ends_the_run_with_its_status_written_and_no_gym_process_left(tiny_model, tmp_path):
-    from gym.servers import group_pids, pids_mentioning
+    from gym.proctree import group_pids, pids_mentioning
 
     cmd = trainer_cmd(tiny_model, tmp_path, "hup", "--set", "grpo.steps=50")
     db = tmp_path / "hup" / "rollouts.db"

@@ -49,15 +49,3 @@ class Rollout:
     result: dict[str, Any]    # the full Gym /run result, for the store
     attempts: int = 1         # posts needed (retries after connection errors or server restarts)
     num_injected: int = 0     # assistant messages the agent wrote itself (no ids): context, never trained on
-
-
-@dataclass
-class ServerStatus:
-    """One Gym server as the dashboard shows it."""
-
-    name: str                 # e.g. "string_match_simple_agent" or "head"
-    kind: str                 # "head" | "agent" | "resources" | "model" | "launcher"
-    up: bool
-    restarts: int
-    log_path: str
-    url: str | None = None
