@@ -1,5 +1,6 @@
 """`python trainer.py config.yaml` end to end on the tiny model: the store holds every step and
-rollout exactly once, a SIGKILLed run resumes, and a bad config exits 2 before anything starts."""
+rollout exactly once, a SIGKILLed run resumes, a SIGHUP ends a run with its status written, and a bad
+config exits 2 before anything starts."""
 
 import json
 import os
@@ -8,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -92,16 +94,21 @@ def test_config_errors_exit_2_naming_the_key(tmp_path):
         assert len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
+def run_until_step(cmd: list[str], db: Path, steps: int) -> subprocess.Popen:
+    """Start trainer.py and return once its store holds `steps` steps (the run still going)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 900
+    while not (db.exists() and q(db, "SELECT count(*) FROM steps")[0][0] >= steps):
+        assert proc.poll() is None, "the run ended before the signal"
+        assert time.time() < deadline, f"no step {steps} after 900 s"
+        time.sleep(0.5)
+    return proc
+
+
 def test_sigkilled_run_resumes_with_a_consistent_store(tiny_model, tmp_path):
     cmd = trainer_cmd(tiny_model, tmp_path, "killed", "--set", "grpo.steps=4")
     db = tmp_path / "killed" / "rollouts.db"
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 900
-    while time.time() < deadline:
-        if db.exists() and q(db, "SELECT count(*) FROM steps")[0][0] >= 2:
-            break
-        assert proc.poll() is None, "run ended before it could be killed"
-        time.sleep(0.5)
+    proc = run_until_step(cmd, db, 2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = q(db, "SELECT count(*) FROM steps")[0][0]
@@ -128,13 +135,7 @@ def test_sighup_ends_the_run_with_its_status_written_and_no_gym_process_left(tin
     cmd = trainer_cmd(tiny_model, tmp_path, "hup", "--set", "grpo.steps=50")
     db = tmp_path / "hup" / "rollouts.db"
     spec = str(tmp_path / "hup" / "gym" / "spec.json")
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 900
-    while time.time() < deadline:
-        if db.exists() and q(db, "SELECT count(*) FROM steps")[0][0] >= 1:
-            break
-        assert proc.poll() is None, "run ended before it could be hung up"
-        time.sleep(0.5)
+    proc = run_until_step(cmd, db, 1)
     [launcher] = pids_mentioning(spec)
     pgid = os.getpgid(launcher)
     proc.send_signal(signal.SIGHUP)
