@@ -173,7 +173,8 @@ def trainer_config(cfg: Config):
     g = cfg.grpo
     return TrainerConfig(
         lr=g.lr, weight_decay=g.weight_decay, max_grad_norm=g.max_grad_norm, warmup_steps=g.warmup_steps,
-        micro_batch_tokens=g.micro_batch_tokens, gradient_checkpointing=g.gradient_checkpointing,
+        micro_batch_tokens=g.micro_batch_tokens, pack_shared_prefix=g.pack_shared_prefix,
+        gradient_checkpointing=g.gradient_checkpointing,
         dtype=cfg.model.dtype, temperature=g.temperature, num_minibatches=g.num_minibatches,
         loss=LossConfig(clip_low=g.clip_low, clip_high=g.clip_high, normalization=g.normalization,
                         kl_beta=g.kl_beta, tis_cap=g.tis_cap, kl_log_ratio_clamp=g.kl_log_ratio_clamp,

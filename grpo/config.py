@@ -81,6 +81,7 @@ class GRPOSection(_Section):
     max_grad_norm: float | None = Field(default=1.0, gt=0)
     warmup_steps: int = Field(default=0, ge=0)
     micro_batch_tokens: int = Field(default=2048, ge=16)
+    pack_shared_prefix: bool = True   # a group's shared prompt once per forward, no padding (grpo/packing.py)
     num_minibatches: int = Field(default=1, ge=1)
     gradient_checkpointing: bool = False
     offload_params: bool = False              # GPU: trainer weights (and reference) on CPU while vLLM generates

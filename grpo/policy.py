@@ -2,9 +2,10 @@
 
 One `train_step` is one GRPO step over a batch of token sequences (prompt, model and tool tokens
 together; `loss_mask` marks the model's). The batch is cut into `num_minibatches` optimizer steps;
-each is packed into micro-batches of at most `micro_batch_tokens` padded tokens, whose gradients
-accumulate. The loss is normalised over the whole minibatch (see grpo/loss.py), so the micro-batch
-size changes memory and speed, never the update.
+each is cut into micro-batches of at most `micro_batch_tokens` tokens, whose gradients accumulate:
+by default shared-prefix packs (grpo/packing.py: a group's prompt once, no padding), else padded
+batches. The loss is normalised over the whole minibatch (see grpo/loss.py), so the micro-batching
+changes memory and speed, never the update.
 
 Logprobs are taken from `log_softmax(logits / temperature)` in fp32: the engine samples at that
 temperature, and ratios, the IS weight and the health metrics all compare against its logprobs.
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from grpo.loss import METRIC_KEYS, LossConfig, policy_loss
+from grpo.packing import Pack, build_pack, plan_packs
 
 PAD_ID = 0  # any valid id: padded positions are masked out of attention and of the loss
 
@@ -40,7 +42,8 @@ class TrainerConfig:
     adam_eps: float = 1e-8
     max_grad_norm: float | None = 1.0  # None: measure the norm, never clip
     warmup_steps: int = 0  # linear warmup over this many optimizer steps, then constant
-    micro_batch_tokens: int = 4096  # padded tokens per forward/backward (batch x longest)
+    micro_batch_tokens: int = 4096  # tokens per forward/backward (packed; or batch x longest, padded)
+    pack_shared_prefix: bool = True  # grpo/packing.py: shared prompts once, no padding
     gradient_checkpointing: bool = False
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     temperature: float = 1.0  # must equal the sampling temperature
@@ -245,13 +248,68 @@ class PolicyTrainer:
         if len(token_ids) < 1 or min(token_ids) < 0 or max(token_ids) >= self.vocab_size:
             raise ValueError(f"token ids must be non-empty and in [0, {self.vocab_size})")
 
+    def _micro_batches(self, rows: Sequence[Sequence[int]], idx: Sequence[int]) -> list[tuple[list[int], Pack | None]]:
+        """The forwards that cover rows[i] for i in idx: (members, their pack) with shared-prefix
+        packing, else (members, None) for a padded batch."""
+        sub = [rows[i] for i in idx]
+        if self.cfg.pack_shared_prefix:
+            out = []
+            for groups in plan_packs(sub, self.cfg.micro_batch_tokens):
+                pack = build_pack(rows, [[idx[j] for j in g] for g in groups])
+                out.append((pack.sequences, pack))
+            return out
+        return [([idx[j] for j in group], None)
+                for group in pack_micro_batches([len(r) for r in sub], self.cfg.micro_batch_tokens)]
+
+    def _run(self, model: torch.nn.Module, rows: Sequence[Sequence[int]], members: list[int], pack: Pack | None,
+             need: Tensor | None = None, entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+        """[B, L] logprobs (and entropy) of `members`, padded like `_forward`'s."""
+        if pack is None:
+            ids, attn = self._ids([rows[i] for i in members])
+            return self._forward(model, ids, attn, entropy_mask=need if entropy else None, need=need)
+        return self._forward_packed(model, pack, rows, members, need, entropy)
+
+    def _forward_packed(self, model: torch.nn.Module, pack: Pack, rows: Sequence[Sequence[int]], members: list[int],
+                        need: Tensor | None, entropy: bool) -> tuple[Tensor, Tensor | None]:
+        """`_forward` on a shared-prefix pack: one row, its own position ids and attention mask; the
+        logprob of each member's token t comes from the packed position of its token t-1."""
+        inner = self.accelerator.unwrap_model(model)
+        ids = torch.tensor([pack.ids], device=self.device)
+        positions = torch.tensor([pack.positions], device=self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            hidden = inner.get_decoder()(input_ids=ids, position_ids=positions, use_cache=False,
+                                         attention_mask=pack.attention_mask(self.device)).last_hidden_state[0]
+        src, tgt, rows_at, cols_at = [], [], [], []
+        for b, i in enumerate(members):
+            index, row = pack.index[i], rows[i]
+            wanted = need[b].tolist() if need is not None else None
+            for t in range(1, len(row)):
+                if wanted is None or wanted[t]:
+                    src.append(index[t - 1])
+                    tgt.append(row[t])
+                    rows_at.append(b)
+                    cols_at.append(t)
+        width = max(len(rows[i]) for i in members)
+        as_index = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
+        at = (as_index(rows_at), as_index(cols_at))
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            logits = output_logits(inner, hidden[as_index(src)])
+        logp = torch.log_softmax(logits.float() / self.cfg.temperature, dim=-1)
+        picked = logp.gather(-1, as_index(tgt)[:, None]).squeeze(-1)
+        lp = torch.zeros(len(members), width, dtype=picked.dtype, device=self.device).index_put(at, picked)
+        ent = None
+        if entropy:
+            with torch.no_grad():
+                rows_lp = logp.detach()
+                ent = torch.zeros_like(lp).index_put(at, -(rows_lp.exp() * rows_lp).sum(-1))
+        return lp, ent
+
     @torch.no_grad()
     def _no_grad_logprobs(self, model: torch.nn.Module, rows: Sequence[Sequence[int]]) -> list[Tensor]:
         out: list[Tensor | None] = [None] * len(rows)
-        for group in pack_micro_batches([len(r) for r in rows], self.cfg.micro_batch_tokens):
-            ids, attn = self._ids([rows[i] for i in group])
-            lp, _ = self._forward(model, ids, attn)
-            for j, i in enumerate(group):
+        for members, pack in self._micro_batches(rows, range(len(rows))):
+            lp, _ = self._run(model, rows, members, pack)
+            for j, i in enumerate(members):
                 out[i] = lp[j, : len(rows[i])].detach()
         return out  # type: ignore[return-value]
 
@@ -319,13 +377,11 @@ class PolicyTrainer:
                 continue
             self.model.train()
             mb_loss = 0.0
-            for group in pack_micro_batches([len(rows[i]) for i in idx], cfg.micro_batch_tokens):
-                members = [idx[g] for g in group]
-                ids, attn = self._ids([rows[i] for i in members])
+            for members, pack in self._micro_batches(rows, idx):
                 mask = _pad([samples[i].loss_mask for i in members], 0, torch.float32, self.device)
                 gen = _pad([samples[i].gen_logprobs for i in members], 0.0, torch.float32, self.device)
                 adv = torch.tensor([samples[i].advantage for i in members], dtype=torch.float32, device=self.device)
-                lp, ent = self._forward(self.model, ids, attn, entropy_mask=mask, need=mask)
+                lp, ent = self._run(self.model, rows, members, pack, need=mask, entropy=True)
                 if old_all is None:
                     old = lp.detach()  # one update per batch: exactly on-policy, ratio 1
                 else:
@@ -333,7 +389,7 @@ class PolicyTrainer:
                 ref = None
                 if self.ref_model is not None:
                     with torch.no_grad():
-                        ref, _ = self._forward(self.ref_model, ids, attn, need=mask)
+                        ref, _ = self._run(self.ref_model, rows, members, pack, need=mask)
                 loss, metrics = policy_loss(
                     lp, old, gen, adv, mask, cfg.loss,
                     batch_tokens=batch_tokens, batch_sequences=batch_sequences,
