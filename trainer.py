@@ -176,7 +176,9 @@ def trainer_config(cfg: Config):
         micro_batch_tokens=g.micro_batch_tokens, pack_shared_prefix=g.pack_shared_prefix,
         gradient_checkpointing=g.gradient_checkpointing,
         dtype=cfg.model.dtype, temperature=g.temperature, num_minibatches=g.num_minibatches,
-        loss=LossConfig(clip_low=g.clip_low, clip_high=g.clip_high, normalization=g.normalization,
+        loss=LossConfig(kind=g.loss, ratio_clip_c=g.ratio_clip_c,
+                        constant_normalizer=g.dr_grpo_normalizer or g.max_tokens,
+                        clip_low=g.clip_low, clip_high=g.clip_high, normalization=g.normalization,
                         kl_beta=g.kl_beta, tis_cap=g.tis_cap, kl_log_ratio_clamp=g.kl_log_ratio_clamp,
                         kl_max=g.kl_max),
     )

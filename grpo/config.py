@@ -72,6 +72,10 @@ class GRPOSection(_Section):
     clip_low: float = Field(default=0.2, ge=0)
     clip_high: float = Field(default=0.28, ge=0)
     normalization: Literal["token", "sequence"] = "token"
+    # grpo | dr_grpo (no std normalisation, constant normaliser) | gspo (sequence ratio) | cispo (clipped IS weight)
+    loss: Literal["grpo", "dr_grpo", "gspo", "cispo"] = "grpo"
+    ratio_clip_c: float | None = Field(default=None, gt=1)      # dual clip for negative advantages
+    dr_grpo_normalizer: int | None = Field(default=None, ge=1)  # dr_grpo's constant length; null: max_tokens
     kl_beta: float = Field(default=0.0, ge=0)
     kl_log_ratio_clamp: float | None = Field(default=20.0, gt=0)   # |log(ref/policy)| per token; null: none
     kl_max: float | None = Field(default=10.0, gt=0)               # per-token KL; null: none

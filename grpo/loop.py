@@ -130,7 +130,8 @@ def advantages_for(rollouts: list[Rollout], cfg: Config) -> tuple[list[float], l
     g = cfg.grpo
     rewards = [r.reward for r in rollouts]
     in_baseline = [not (g.truncated == "drop" and r.truncated) for r in rollouts]
-    adv = group_advantages(rewards, g.group_size, g.baseline, g.normalize_std, include=in_baseline)
+    normalize_std = g.normalize_std and g.loss != "dr_grpo"  # Dr.GRPO's point: no std normalisation
+    adv = group_advantages(rewards, g.group_size, g.baseline, normalize_std, include=in_baseline)
     # an episode that overflowed on its first call has no tokens: nothing to train on
     keep = [not r.mask_sample and any(r.sequence.loss_mask) for r in rollouts]
     if g.drop_zero_variance_groups:
@@ -320,7 +321,8 @@ class GRPOLoop:
             m.update({
                 M.LOSS: stats.loss, M.KL: stats.kl, M.ENTROPY: stats.entropy,
                 M.CLIP_LOW_FRAC: stats.clip_low_frac, M.CLIP_HIGH_FRAC: stats.clip_high_frac,
-                M.CLIP_FRAC: stats.clip_low_frac + stats.clip_high_frac, M.GRAD_NORM: stats.grad_norm,
+                M.CLIP_FRAC: stats.clip_low_frac + stats.clip_high_frac, M.CLIP_DUAL_FRAC: stats.clip_dual_frac,
+                M.GRAD_NORM: stats.grad_norm,
                 M.TOKEN_MULT_PROB_ERROR: stats.token_mult_prob_error, M.GEN_KL_ERROR: stats.gen_kl_error,
                 M.LR: stats.lr, M.TIS_CAPPED_FRAC: stats.tis_capped_frac,
                 M.MINIBATCHES: float(stats.num_minibatches), M.SKIPPED_OPTIMIZER_STEPS: float(stats.skipped_steps),

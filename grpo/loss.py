@@ -19,7 +19,8 @@ from torch import Tensor
 METRIC_KEYS = (
     "tokens",  # model tokens in this micro-batch
     "clip_low",  # tokens where A<0 and rho < 1-clip_low: the clipped branch wins, no gradient
-    "clip_high",  # tokens where A>0 and rho > 1+clip_high
+    "clip_high",  # tokens where A>0 and rho > 1+clip_high (gspo: of a clipped sequence; cispo: any A)
+    "clip_dual",  # tokens where A<0 and the dual clip (ratio_clip_c) capped the loss
     "kl",  # k3 KL to the reference policy (0 without one)
     "entropy",  # entropy of the sampling distribution (0 when not given)
     "token_mult_prob_error",  # exp(|gen - train|): 1.0 when engine and trainer agree
@@ -28,8 +29,17 @@ METRIC_KEYS = (
 )
 
 
+LossKind = Literal["grpo", "dr_grpo", "gspo", "cispo"]
+LOSS_KINDS: tuple[str, ...] = ("grpo", "dr_grpo", "gspo", "cispo")
+
+
 @dataclass
 class LossConfig:
+    # grpo: PPO-clipped token ratios. dr_grpo: the same, summed and divided by a constant
+    # (batch sequences x constant_normalizer) instead of lengths. gspo: one ratio per sequence, the
+    # geometric mean of its token ratios, clipped per sequence. cispo: the clipped ratio as a
+    # stop-gradient weight on the token log-likelihood (no token loses its gradient).
+    kind: LossKind = "grpo"
     clip_low: float = 0.2
     clip_high: float = 0.28  # DAPO's clip-higher: room for low-probability tokens to rise
     normalization: Literal["token", "sequence"] = "token"
@@ -38,8 +48,16 @@ class LossConfig:
     # NeMo RL's defaults: a token the reference finds near-impossible must not blow the KL up
     kl_log_ratio_clamp: float | None = 20.0  # |log(ref/policy)| before k3; None = no clamp
     kl_max: float | None = 10.0  # per-token KL after k3; None = no clamp
+    ratio_clip_c: float | None = None  # dual clip: for A<0 the loss is at most -A*c (c > 1); None = off
+    constant_normalizer: int = 1  # dr_grpo: the constant per-sequence length (the generation budget)
 
     def __post_init__(self) -> None:
+        if self.kind not in LOSS_KINDS:
+            raise ValueError(f"loss kind must be one of {LOSS_KINDS}, got {self.kind!r}")
+        if self.ratio_clip_c is not None and self.ratio_clip_c <= 1.0:
+            raise ValueError(f"ratio_clip_c must be > 1, got {self.ratio_clip_c}")
+        if self.constant_normalizer < 1:
+            raise ValueError(f"constant_normalizer must be >= 1, got {self.constant_normalizer}")
         if self.normalization not in ("token", "sequence"):
             raise ValueError(f"normalization must be 'token' or 'sequence', got {self.normalization!r}")
         if not 0.0 <= self.clip_low < 1.0 or self.clip_high < 0.0:
@@ -97,16 +115,41 @@ def policy_loss(
     logp, old, gen = sel(logprobs), sel(old_logprobs.detach()), sel(gen_logprobs)
 
     ratio = torch.exp(logp - old)
-    clipped = ratio.clamp(1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
-    per_token = torch.maximum(-adv * ratio, -adv * clipped)
+    n_tokens = m.sum(dim=-1)
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
 
+    # truncated IS: the engine sampled from pi_gen, not pi_old. The weight is capped so one token
+    # the engine found unlikely cannot dominate the batch; a constant, no gradient through it.
+    weight = torch.ones_like(logp)
     capped = torch.zeros_like(m)
     if cfg.tis_cap is not None:
-        # The engine sampled from pi_gen, not pi_old: reweight, but cap the weight so one token the
-        # engine found unlikely cannot dominate the batch. A constant: no gradient through it.
         raw = torch.exp(old - gen)
+        if cfg.kind == "gspo":  # one weight per sequence: the geometric mean, like the ratio
+            raw = torch.exp((old - gen).sum(-1) / n_tokens.clamp(min=1))[:, None].expand_as(logp)
         capped = m & (raw > cfg.tis_cap)
-        per_token = per_token * raw.clamp(max=cfg.tis_cap).detach()
+        weight = raw.clamp(max=cfg.tis_cap).detach()
+
+    low, high = 1.0 - cfg.clip_low, 1.0 + cfg.clip_high
+    dual = torch.zeros_like(m)
+    if cfg.kind == "gspo":
+        seq_ratio = torch.exp((logp - old).sum(-1) / n_tokens.clamp(min=1))
+        seq_adv = (adv * m).sum(-1) / n_tokens.clamp(min=1)
+        per_seq = torch.maximum(-seq_adv * seq_ratio, -seq_adv * seq_ratio.clamp(low, high)) * weight[:, 0]
+        clip_low = m & ((seq_adv < 0) & (seq_ratio < low))[:, None]
+        clip_high = m & ((seq_adv > 0) & (seq_ratio > high))[:, None]
+        per_token = torch.zeros_like(logp)
+    else:
+        if cfg.kind == "cispo":
+            per_token = -adv * ratio.clamp(low, high).detach() * logp
+            clip_low, clip_high = ratio < low, ratio > high
+        else:
+            per_token = torch.maximum(-adv * ratio, -adv * ratio.clamp(low, high))
+            clip_low, clip_high = (adv < 0) & (ratio < low), (adv > 0) & (ratio > high)
+        if cfg.ratio_clip_c is not None:
+            cap = -adv * cfg.ratio_clip_c
+            dual = m & (adv < 0) & (per_token > cap)
+            per_token = torch.where(adv < 0, torch.minimum(per_token, cap), per_token)
+        per_token = per_token * weight
 
     kl = torch.zeros_like(per_token)
     if ref_logprobs is not None:
@@ -116,15 +159,17 @@ def policy_loss(
         kl = k3(log_ratio)
         if cfg.kl_max is not None:
             kl = kl.clamp(max=cfg.kl_max)
-        if cfg.kl_beta > 0.0:
-            per_token = per_token + cfg.kl_beta * kl
 
-    per_token = torch.where(m, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device))
-    if cfg.normalization == "token":
-        loss = per_token.sum() / batch_tokens
+    per_token = torch.where(m, per_token, zero)
+    kl_term = torch.where(m, cfg.kl_beta * kl, zero) if cfg.kl_beta > 0.0 else torch.zeros_like(per_token)
+    if cfg.kind == "gspo":
+        loss = torch.where(n_tokens > 0, per_seq, zero).sum() / batch_sequences + kl_term.sum() / batch_tokens
+    elif cfg.kind == "dr_grpo":
+        loss = (per_token + kl_term).sum() / (batch_sequences * cfg.constant_normalizer)
+    elif cfg.normalization == "token":
+        loss = (per_token + kl_term).sum() / batch_tokens
     else:
-        seq_tokens = m.sum(dim=-1).clamp(min=1)
-        loss = (per_token.sum(dim=-1) / seq_tokens).sum() / batch_sequences
+        loss = ((per_token + kl_term).sum(dim=-1) / n_tokens.clamp(min=1)).sum() / batch_sequences
 
     with torch.no_grad():
         gen_log_ratio = old - gen
@@ -134,8 +179,9 @@ def policy_loss(
 
         metrics = {
             "tokens": float(m.sum()),
-            "clip_low": total(((adv < 0) & (ratio < 1.0 - cfg.clip_low)).double()),
-            "clip_high": total(((adv > 0) & (ratio > 1.0 + cfg.clip_high)).double()),
+            "clip_low": total(clip_low.double()),
+            "clip_high": total(clip_high.double()),
+            "clip_dual": float(dual.sum()),
             "kl": total(kl.detach()),
             "entropy": total(entropy.detach()) if entropy is not None else 0.0,
             "token_mult_prob_error": total(torch.exp(gen_log_ratio.abs())),

@@ -86,6 +86,7 @@ class TrainStats:
     tis_capped_frac: float = 0.0
     lr: float = 0.0
     skipped_steps: int = 0  # optimizer steps skipped for a non-finite gradient norm
+    clip_dual_frac: float = 0.0
     num_minibatches: int = 1  # optimizer steps planned this step (fewer than configured when few samples)
 
 
@@ -421,6 +422,7 @@ class PolicyTrainer:
             entropy=sums["entropy"] / tokens,
             clip_low_frac=sums["clip_low"] / tokens,
             clip_high_frac=sums["clip_high"] / tokens,
+            clip_dual_frac=sums["clip_dual"] / tokens,
             grad_norm=sum(norms) / len(norms),
             token_mult_prob_error=sums["token_mult_prob_error"] / tokens,
             gen_kl_error=sums["gen_kl_error"] / tokens,

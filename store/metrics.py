@@ -29,6 +29,7 @@ ENTROPY = "entropy"
 CLIP_LOW_FRAC = "clip_low_frac"
 CLIP_HIGH_FRAC = "clip_high_frac"
 CLIP_FRAC = "clip_frac"
+CLIP_DUAL_FRAC = "clip_dual_frac"            # tokens whose loss the dual clip (grpo.ratio_clip_c) capped
 GRAD_NORM = "grad_norm"
 LR = "lr"
 TIS_CAPPED_FRAC = "tis_capped_frac"

@@ -39,3 +39,19 @@ def test_truncated_keep_trains_on_everything():
     adv, keep = advantages_for(_group(), _cfg("keep"))
     assert adv == pytest.approx([0.5, -0.5, -0.5, 0.5])
     assert keep == [True] * 4
+
+
+def test_dr_grpo_drops_the_std_normalisation():
+    cfg = load_config(ROOT / "config.yaml", {"grpo.loss": "dr_grpo", "grpo.normalize_std": True,
+                                             "grpo.rows_per_step": 1, "grpo.group_size": 4})
+    adv, _ = advantages_for(_group(), cfg)
+    assert adv == pytest.approx([0.5, -0.5, -0.5, 0.5])   # r - mean, not divided by the std (0.577)
+
+
+@pytest.mark.parametrize("kind", ["grpo", "dr_grpo", "gspo", "cispo"])
+def test_the_loss_variant_reaches_the_trainer(kind):
+    from trainer import trainer_config
+
+    cfg = load_config(ROOT / "config.yaml", {"grpo.loss": kind, "grpo.ratio_clip_c": 3.0, "grpo.max_tokens": 96})
+    loss = trainer_config(cfg).loss
+    assert (loss.kind, loss.ratio_clip_c, loss.constant_normalizer) == (kind, 3.0, 96)

@@ -149,3 +149,60 @@ def test_kl_log_ratio_and_per_token_kl_are_clamped():
     unclamped, m2 = loss_of(logp, logp, logp, t([0.0]), mask,
                             LossConfig(kl_beta=1.0, kl_log_ratio_clamp=None, kl_max=None), ref_logprobs=ref)
     assert m2["kl"] == pytest.approx(math.exp(-30.0) + 29.0 + small)
+
+
+# ---- loss variants --------------------------------------------------------------------------
+
+def test_dual_clip_caps_the_loss_of_a_negative_advantage_at_c():
+    # A=-1: rho=5 -> max(5, 1.28) = 5, capped at c=3 (no gradient); rho=2 -> 2 < 3, kept
+    old = t([[0.0, -1.0]] * 2)
+    logp = (old + t([[0.0, LN(5.0)], [0.0, LN(2.0)]])).requires_grad_()
+    loss, m = loss_of(logp, old, old, t([-1.0, -1.0]), t([[0, 1]] * 2), LossConfig(ratio_clip_c=3.0))
+    assert loss.item() == pytest.approx((3.0 + 2.0) / 2)
+    assert m["clip_dual"] == 1.0
+    loss.backward()
+    assert logp.grad[:, 1].tolist() == pytest.approx([0.0, 2.0 / 2])   # d(-A rho)/dlogp = rho, over 2 tokens
+
+
+def test_gspo_clips_the_geometric_mean_ratio_of_each_sequence():
+    # seq 0: token ratios 1.5 and 0.5 -> s = sqrt(0.75) = 0.8660 (inside [0.8, 1.28]); A = +1 -> -0.8660
+    # seq 1: token ratios 1.5 and 1.5 -> s = 1.5 -> clipped to 1.28; A = +1 -> -1.28, no gradient
+    old = t([[0.0, -1.0, -1.0]] * 2)
+    logp = (old + t([[0.0, LN(1.5), LN(0.5)], [0.0, LN(1.5), LN(1.5)]])).requires_grad_()
+    loss, m = loss_of(logp, old, old, t([1.0, 1.0]), t([[0, 1, 1]] * 2), LossConfig(kind="gspo"))
+    s0 = math.sqrt(0.75)
+    assert loss.item() == pytest.approx((-s0 - 1.28) / 2)
+    assert (m["clip_high"], m["clip_low"]) == (2.0, 0.0)   # both tokens of the clipped sequence
+    loss.backward()
+    # d(-A s)/dlogp_t = -A s / n_tokens, over 2 sequences
+    assert logp.grad[0, 1:].tolist() == pytest.approx([-s0 / 2 / 2] * 2)
+    assert logp.grad[1, 1:].tolist() == pytest.approx([0.0, 0.0])
+
+
+def test_cispo_weights_the_log_likelihood_by_the_clipped_ratio_without_dropping_gradients():
+    # token 0: rho = 1.5 -> weight 1.28, A = +1, logp = -1 -> -1.28 * 1 * -1 = 1.28
+    # token 1: rho = 0.5 -> weight 0.8, A = -1, logp = -2 -> -0.8 * -1 * -2 = -1.6
+    old = t([[0.0, -1.0 - LN(1.5)], [0.0, -2.0 - LN(0.5)]])
+    logp = t([[0.0, -1.0], [0.0, -2.0]]).requires_grad_()
+    loss, m = loss_of(logp, old, old, t([1.0, -1.0]), t([[0, 1]] * 2), LossConfig(kind="cispo"))
+    assert loss.item() == pytest.approx((1.28 - 1.6) / 2)
+    assert (m["clip_high"], m["clip_low"]) == (1.0, 1.0)
+    loss.backward()
+    # gradient -A * weight: clipped tokens keep theirs (PPO's clip would zero the first)
+    assert logp.grad[:, 1].tolist() == pytest.approx([-1.28 / 2, 0.8 / 2])
+
+
+def test_dr_grpo_divides_by_a_constant_not_by_lengths():
+    # on-policy, per-token -A: seq 0 one token A=2, seq 1 three tokens A=1 -> sum -5;
+    # 2 sequences x constant 4 -> -5 / 8
+    logp = t([[0.0, -1.0, 0.0, 0.0], [0.0, -1.0, -2.0, -3.0]])
+    mask = t([[0, 1, 0, 0], [0, 1, 1, 1]])
+    loss, _ = loss_of(logp, logp, logp, t([2.0, 1.0]), mask, LossConfig(kind="dr_grpo", constant_normalizer=4))
+    assert loss.item() == pytest.approx(-5 / 8)
+
+
+def test_unknown_loss_kind_and_a_dual_clip_below_one_are_refused():
+    with pytest.raises(ValueError, match="loss kind"):
+        LossConfig(kind="ppo")
+    with pytest.raises(ValueError, match="ratio_clip_c must be > 1"):
+        LossConfig(ratio_clip_c=0.9)
