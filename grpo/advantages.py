@@ -73,6 +73,17 @@ def group_advantages(
     return out
 
 
+def overlong_penalty(generated: int, max_tokens: int, buffer: int, factor: float = 1.0) -> float:
+    """DAPO's soft overlong punishment, added to a rollout's reward: 0 up to `max_tokens - buffer`
+    generated tokens, then falling linearly to -factor at `max_tokens` (and -factor beyond)."""
+    if buffer <= 0:
+        return 0.0
+    start = max_tokens - buffer
+    if generated <= start:
+        return 0.0
+    return -factor * min(1.0, (generated - start) / buffer)
+
+
 def zero_variance_groups(rewards: Sequence[float], group_size: int) -> list[bool]:
     """Per group: True when all its rewards are equal, i.e. it carries no policy gradient.
 

@@ -69,6 +69,8 @@ class GRPOSection(_Section):
     normalize_std: bool = True
     drop_zero_variance_groups: bool = False   # dynamic sampling: skip groups with equal rewards
     truncated: Literal["keep", "mask", "drop"] = "keep"   # rollouts that hit the context / max tokens
+    overlong_buffer: int = Field(default=0, ge=0)    # DAPO soft overlong punishment over the last N tokens; 0: off
+    overlong_penalty: float = Field(default=1.0, ge=0)   # the penalty at max_tokens
     clip_low: float = Field(default=0.2, ge=0)
     clip_high: float = Field(default=0.28, ge=0)
     normalization: Literal["token", "sequence"] = "token"
@@ -116,6 +118,8 @@ class Config(_Section):
     def _fits(self) -> "Config":
         if self.grpo.max_tokens >= self.model.max_model_len:
             raise ValueError("grpo.max_tokens: must be smaller than model.max_model_len")
+        if self.grpo.overlong_buffer > self.grpo.max_tokens:
+            raise ValueError("grpo.overlong_buffer: must not exceed grpo.max_tokens")
         if self.grpo.eval_every and not any(e.eval_data for e in self.gym.envs):
             raise ValueError("grpo.eval_every: no environment in gym.envs has eval_data to evaluate on")
         return self

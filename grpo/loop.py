@@ -29,7 +29,7 @@ from store import metrics as M
 from store.db import RunStore
 from store.records import RolloutRecord, StepRecord
 
-from .advantages import group_advantages, zero_variance_groups
+from .advantages import group_advantages, overlong_penalty, zero_variance_groups
 from .config import Config
 from .policy import PolicyTrainer, TrainSample
 
@@ -121,14 +121,22 @@ def turn_index(rollout: Rollout) -> list[int]:
     return out
 
 
+def overlong_penalties(rollouts: list[Rollout], cfg: Config) -> list[float]:
+    """Each rollout's soft overlong penalty, from its longest model call (max_tokens is per call)."""
+    g = cfg.grpo
+    return [overlong_penalty(max((c.generation_len for c in r.sequence.calls), default=0), g.max_tokens,
+                             g.overlong_buffer, g.overlong_penalty) for r in rollouts]
+
+
 def advantages_for(rollouts: list[Rollout], cfg: Config) -> tuple[list[float], list[bool]]:
-    """Group advantages, and which rollouts train.
+    """Group advantages of the shaped rewards (environment reward + overlong penalty), and which
+    rollouts train.
 
     Truncated rollouts: "keep" trains on them; "mask" keeps their reward in the group's baseline but
     leaves them out of the loss; "drop" leaves them out of both, as if never sampled.
     """
     g = cfg.grpo
-    rewards = [r.reward for r in rollouts]
+    rewards = [r.reward + p for r, p in zip(rollouts, overlong_penalties(rollouts, cfg))]
     in_baseline = [not (g.truncated == "drop" and r.truncated) for r in rollouts]
     normalize_std = g.normalize_std and g.loss != "dr_grpo"  # Dr.GRPO's point: no std normalisation
     adv = group_advantages(rewards, g.group_size, g.baseline, normalize_std, include=in_baseline)
@@ -265,7 +273,9 @@ class GRPOLoop:
                         M.TIME_WAKE_S: t_wake, M.TIME_SLEEP_S: t_sleep, M.REQUESTS_ABORTED_AT_SLEEP: float(aborted),
                         M.PEAK_MEMORY_GIB: peak_memory_gib()})
         t0 = time.perf_counter()
-        records = await asyncio.to_thread(self._records, rollouts, adv, train_logprobs, version)
+        penalties = overlong_penalties(rollouts, self.cfg)
+        metrics[M.OVERLONG_PENALTY_MEAN] = statistics.fmean(penalties)
+        records = await asyncio.to_thread(self._records, rollouts, adv, train_logprobs, version, "train", penalties)
         records += eval_records
         metrics[M.TIME_LOGGING_S] = time.perf_counter() - t0
         metrics[M.TIME_STEP_S] = time.time() - started
@@ -331,11 +341,11 @@ class GRPOLoop:
         return m
 
     def _records(self, rollouts: list[Rollout], adv: list[float], train_logprobs: list[list[float]],
-                 version: int, kind: str = "train") -> list[RolloutRecord]:
+                 version: int, kind: str = "train", penalties: list[float] | None = None) -> list[RolloutRecord]:
         tok = self.engine.tokenizer
         prefix = "" if kind == "train" else f"{kind}:"
         out = []
-        for r, a, tl in zip(rollouts, adv, train_logprobs):
+        for r, a, tl, pen in zip(rollouts, adv, train_logprobs, penalties or [0.0] * len(rollouts)):
             ids = r.sequence.token_ids
             out.append(RolloutRecord(
                 step=self.step, policy_version=version, env=r.env, agent=r.agent, row_index=r.row_index,
@@ -345,5 +355,6 @@ class GRPOLoop:
                 failure=r.failure, latency_s=r.latency_s, result=r.result, token_ids=ids,
                 token_text=tok.batch_decode([[t] for t in ids]), loss_mask=r.sequence.loss_mask,
                 turn_index=turn_index(r), gen_logprobs=r.sequence.gen_logprobs, train_logprobs=tl, kind=kind,
+                overlong_penalty=pen,
             ))
         return out

@@ -71,11 +71,14 @@ def _create_schema(db: sqlite_utils.Database) -> None:
          "group_index": int, "row_id": str, "reward": float, "advantage": float, "num_turns": int,
          "num_model_calls": int, "num_tool_calls": int, "truncated": int, "mask_sample": int,
          "failure": str, "latency_s": float, "num_tokens": int, "num_model_tokens": int,
-         "result": str, "kind": str},
-        pk="id", if_not_exists=True, defaults={"kind": "train"},
+         "result": str, "kind": str, "overlong_penalty": float},
+        pk="id", if_not_exists=True, defaults={"kind": "train", "overlong_penalty": 0.0},
     )
-    if "kind" not in db["rollouts"].columns_dict:  # a store written before eval rollouts existed
+    # a store written before these columns existed
+    if "kind" not in db["rollouts"].columns_dict:
         db["rollouts"].add_column("kind", str, not_null_default="train")
+    if "overlong_penalty" not in db["rollouts"].columns_dict:
+        db["rollouts"].add_column("overlong_penalty", float, not_null_default=0.0)
     # WITHOUT ROWID: the table is its (rollout_id, position) index, about half the size of a
     # rowid table plus a separate index; tokens are by far the biggest table.
     db.execute(
@@ -210,13 +213,13 @@ class RunStore:
         cur = self._db.execute(
             """INSERT INTO rollouts (step, policy_version, env, agent, row_index, group_index, row_id,
                 reward, advantage, num_turns, num_model_calls, num_tool_calls, truncated, mask_sample,
-                failure, latency_s, num_tokens, num_model_tokens, result, kind)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                failure, latency_s, num_tokens, num_model_tokens, result, kind, overlong_penalty)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
             [r.step, r.policy_version, r.env, r.agent, r.row_index, r.group_index, r.row_id,
              _finite_or_none(r.reward), _finite_or_none(r.advantage), r.num_turns, r.num_model_calls,
              r.num_tool_calls, int(r.truncated), int(r.mask_sample), r.failure, r.latency_s,
              len(r.token_ids), int(sum(r.loss_mask)), json.dumps(r.result, default=str, ensure_ascii=False),
-             r.kind],
+             r.kind, _finite_or_none(r.overlong_penalty)],
         )
         rid = cur.lastrowid
         train = r.train_logprobs or [None] * len(r.token_ids)

@@ -20,6 +20,7 @@ TURNS_MEAN = "turns_mean"
 ADVANTAGE_ABS_MEAN = "advantage_abs_mean"
 INJECTED_MESSAGES = "injected_messages"      # assistant text an agent wrote itself (never trained on)
 ROLLOUTS_RETRIED = "rollouts_retried"        # rollouts that needed more than one post to Gym
+OVERLONG_PENALTY_MEAN = "overlong_penalty_mean"   # DAPO soft overlong punishment (grpo.overlong_buffer)
 GYM_RESTARTS = "gym_restarts"                # Gym servers restarted during the step (dead or hung)
 
 # the update

@@ -56,6 +56,7 @@ class RolloutRecord:
     turn_index: list[int] = field(default_factory=list)
     gen_logprobs: list[float] = field(default_factory=list)
     train_logprobs: list[float] = field(default_factory=list)
+    overlong_penalty: float = 0.0   # added to `reward` (the environment's) for the advantage
     kind: str = "train"         # ROLLOUT_KINDS: "eval" rollouts measure the policy and are never trained on
 
     def check_lengths(self) -> None:

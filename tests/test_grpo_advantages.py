@@ -55,3 +55,12 @@ def test_rollouts_left_out_of_the_baseline_get_zero_and_do_not_move_it():
 
 def test_a_group_with_one_rollout_left_has_no_leave_one_out_baseline():
     assert group_advantages([1, 0], 2, "leave_one_out", include=[True, False]) == [0.0, 0.0]
+
+
+def test_overlong_penalty_falls_linearly_over_the_buffer():
+    from grpo.advantages import overlong_penalty
+
+    # max_tokens 100, buffer 20: free up to 80 tokens, -1 at 100 and beyond
+    assert [overlong_penalty(n, 100, 20) for n in (80, 90, 100, 120)] == [0.0, -0.5, -1.0, -1.0]
+    assert overlong_penalty(90, 100, 20, factor=0.5) == -0.25
+    assert overlong_penalty(100, 100, 0) == 0.0   # buffer 0: off

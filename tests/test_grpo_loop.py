@@ -55,3 +55,17 @@ def test_the_loss_variant_reaches_the_trainer(kind):
     cfg = load_config(ROOT / "config.yaml", {"grpo.loss": kind, "grpo.ratio_clip_c": 3.0, "grpo.max_tokens": 96})
     loss = trainer_config(cfg).loss
     assert (loss.kind, loss.ratio_clip_c, loss.constant_normalizer) == (kind, 3.0, 96)
+
+
+def test_the_overlong_penalty_shapes_the_reward_the_advantage_sees():
+    import copy
+
+    longer = copy.deepcopy(SINGLE_TURN)
+    item = longer["response"]["output"][0]
+    item["generation_token_ids"], item["generation_log_probs"] = [7, 8, 9, 10, 2], [-0.1] * 5
+    group = _group()[:3] + [to_rollout(longer, 0, 3, "sm", "a", 1.0)]
+    cfg = load_config(ROOT / "config.yaml", {"grpo.max_tokens": 6, "grpo.overlong_buffer": 4, "grpo.normalize_std": False,
+                                             "grpo.rows_per_step": 1, "grpo.group_size": 4})
+    # 3 generated tokens: -0.25, 5 tokens: -0.75 -> shaped rewards 0.75, -0.25, -0.25, 0.25; mean 0.125
+    adv, _ = advantages_for(group, cfg)
+    assert adv == pytest.approx([0.625, -0.375, -0.375, 0.125])

@@ -313,3 +313,10 @@ def test_a_store_written_before_rollout_kinds_gets_the_column_with_train(tmp_pat
         c.execute("ALTER TABLE rollouts DROP COLUMN kind")
     with RunStore.open(tmp_path) as s:
         assert query(s, "SELECT kind FROM rollouts") == [("train",)]
+
+
+def test_the_overlong_penalty_is_stored_beside_the_environments_reward(store: RunStore):
+    r = rollout(1, "sm", 1.0)
+    r.overlong_penalty = -0.25
+    store.write_step(step_record(1), [r])
+    assert query(store, "SELECT reward, overlong_penalty FROM rollouts") == [(1.0, -0.25)]
