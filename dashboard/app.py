@@ -234,7 +234,7 @@ class Dashboard:
                 S("weight sync", m(M.TIME_WEIGHT_SYNC_S)), S("logging", m(M.TIME_LOGGING_S))]),
         ]
         last = steps[-1].metrics if steps else {}
-        return {"summary": summary, "charts": figs, "last_metrics": last}
+        return {"summary": summary, "charts": figs, "last_metrics": last, "alerts": data.health_alerts(steps)}
 
     async def runs(self, request: Request) -> Response:
         def build():

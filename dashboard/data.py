@@ -161,6 +161,36 @@ def env_reward_series(db: Path, steps: list[StepRow]) -> dict[str, list[tuple[fl
     return out
 
 
+@dataclass
+class Alert:
+    step: int
+    metric: str
+    message: str
+
+
+# (metric, is it alarming, what it means): thresholds from DESIGN's health metrics
+ALERT_RULES = (
+    (M.TOKEN_MULT_PROB_ERROR, lambda v: v > 1.05,
+     "token_mult_prob_error {v:.4f} > 1.05: the engine samples from other weights than the trainer's"),
+    (M.GEN_KL_ERROR, lambda v: v > 1e-3, "gen_kl_error {v:.2g} > 1e-3: generation and training disagree"),
+    (M.SKIPPED_OPTIMIZER_STEPS, lambda v: v > 0, "{v:.0f} optimizer update(s) skipped: non-finite gradient"),
+    (M.GYM_RESTARTS, lambda v: v > 0, "{v:.0f} Gym server restart(s): a server died or hung; its rollouts were retried"),
+)
+
+
+def health_alerts(steps: list[StepRow], newest: int = 10) -> list[Alert]:
+    """The newest steps' alarming metrics, newest first."""
+    out = []
+    for s in reversed(steps):
+        for metric, alarming, text in ALERT_RULES:
+            v = s.metrics.get(metric)
+            if v is not None and alarming(v):
+                out.append(Alert(s.step, metric, text.format(v=v)))
+        if len(out) >= newest:
+            break
+    return out[:newest]
+
+
 def eval_reward_series(steps: list[StepRow]) -> dict[str, list[tuple[float, float | None]]]:
     """Mean eval reward per environment, at the steps that evaluated (grpo.eval_every)."""
     envs = sorted({env for s in steps for k in s.metrics if (env := M.eval_env_reward_env(k)) is not None})

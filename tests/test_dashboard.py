@@ -372,6 +372,28 @@ def test_the_dashboard_of_a_real_training_run(short_run, page: Page):
         shot(page, "real-run-eval-rollouts")
 
 
+def test_an_unhealthy_step_shows_a_warning_on_the_overview(filled_run, tokenizer, tmp_path, page: Page):
+    src_dir, run = filled_run
+    copy_run(src_dir, run, tmp_path, run)
+    with serve(tmp_path) as url:
+        page.goto(f"{url}/runs/{run}")
+        assert page.locator("#health-alerts").count() == 0      # a healthy run warns of nothing
+        writer = RunWriter(tokenizer, seed=3)
+        with RunStore.open(tmp_path / run) as store:
+            step = store.last_step() + 1
+            rollouts = writer.with_advantages(writer.step_rollouts(step))
+            record = writer.step_record(step, rollouts)
+            record.metrics.update({M.TOKEN_MULT_PROB_ERROR: 1.2, M.GYM_RESTARTS: 1.0})
+            store.write_step(record, rollouts)
+        page.wait_for_selector("#health-alerts", timeout=15_000)   # the live poll brings it
+        items = page.locator("#health-alerts li")
+        assert sorted(items.evaluate_all("els => els.map(e => e.dataset.metric)")) == \
+            sorted([M.TOKEN_MULT_PROB_ERROR, M.GYM_RESTARTS])
+        assert f"step {step}: token_mult_prob_error 1.2000 > 1.05" in page.inner_text("#health-alerts")
+        assert page.locator("#health-alerts").is_visible()
+        shot(page, "health-alert")
+
+
 def test_home_shows_the_newest_run(site, page: Page):
     from dashboard.data import run_names
 
