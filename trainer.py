@@ -4,6 +4,7 @@
     python trainer.py config.yaml --resume      # continue a killed run from its last checkpoint
     python trainer.py config.yaml --eval 4      # 4 rollouts per eval row, print per-env metrics
     python trainer.py config.yaml --serve       # only the policy endpoint (+ dashboard)
+    python trainer.py config.yaml --export DIR  # the run's last checkpoint as a plain HF folder
     python trainer.py config.yaml --set grpo.steps=5 --set run.name=try1
 
 One asyncio loop serves the policy endpoint and the dashboard (one Starlette app under uvicorn),
@@ -27,6 +28,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # before vLLM is i
 os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))  # before torch is imported
 
 from grpo.config import Config, ConfigError, load_config  # noqa: E402
+from grpo.export import latest_checkpoint  # noqa: E402
 
 log = logging.getLogger("trainer")
 
@@ -37,6 +39,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--serve", action="store_true", help="serve the policy endpoint and dashboard only")
     mode.add_argument("--eval", type=int, metavar="N", help="collect N rollouts per eval row, no training")
+    mode.add_argument("--export", metavar="DIR", type=Path,
+                      help="write the run's last checkpoint (or --checkpoint) as a Hugging Face folder, then exit")
+    p.add_argument("--checkpoint", metavar="PATH", type=Path,
+                   help="with --export: this checkpoint folder instead of the run's last one")
     p.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (YAML value), e.g. --set grpo.steps=5")
@@ -63,7 +69,8 @@ async def start_engine(cfg: Config):
                                  gpu_memory_utilization=cfg.engine.gpu_memory_utilization,
                                  cpu_kv_cache_gib=cfg.engine.cpu_kv_cache_gib,
                                  enforce_eager=cfg.engine.enforce_eager,
-                                 max_num_batched_tokens=cfg.engine.max_num_batched_tokens))
+                                 max_num_batched_tokens=cfg.engine.max_num_batched_tokens,
+                                 max_lora_rank=cfg.model.lora.r if cfg.model.lora else None))
     return await engine.start(), path
 
 
@@ -97,7 +104,7 @@ async def main(cfg: Config, args: argparse.Namespace) -> int:
 
     run_dir = cfg.run_dir.resolve()
     training = not (args.serve or args.eval)
-    if training and not args.resume and any((run_dir / "checkpoints").glob("step_*")):
+    if training and not args.resume and latest_checkpoint(run_dir) is not None:
         print(f"error: run {run_dir} already has checkpoints; pass --resume or pick another run.name",
               file=sys.stderr)
         return 2
@@ -153,6 +160,10 @@ async def main(cfg: Config, args: argparse.Namespace) -> int:
             loop.progress = update
             with bar:
                 await loop.run(session)
+            if cfg.run.export:
+                ckpt = loop.latest_checkpoint()
+                out = await asyncio.to_thread(export, cfg, ckpt, cfg.export_dir)
+                print(f"exported {ckpt.name} to {out}", flush=True)
             status = "finished"
             return 0
     except asyncio.CancelledError:
@@ -166,6 +177,17 @@ async def main(cfg: Config, args: argparse.Namespace) -> int:
         await engine.shutdown()
 
 
+def export(cfg: Config, checkpoint: Path | None, out: Path) -> Path:
+    """The checkpoint (default: the run's last) as a plain Hugging Face folder at `out`."""
+    from engine.models import resolve_model
+    from grpo.export import export_checkpoint
+
+    checkpoint = checkpoint or latest_checkpoint(cfg.run_dir)
+    if checkpoint is None:
+        raise FileNotFoundError(f"run {cfg.run_dir} has no checkpoint to export; pass --checkpoint PATH")
+    return export_checkpoint(checkpoint, resolve_model(cfg.model.name), out, cfg.model.lora)
+
+
 def trainer_config(cfg: Config):
     from grpo.loss import LossConfig
     from grpo.policy import TrainerConfig
@@ -175,7 +197,7 @@ def trainer_config(cfg: Config):
         lr=g.lr, weight_decay=g.weight_decay, max_grad_norm=g.max_grad_norm, warmup_steps=g.warmup_steps,
         micro_batch_tokens=g.micro_batch_tokens, pack_shared_prefix=g.pack_shared_prefix,
         gradient_checkpointing=g.gradient_checkpointing,
-        dtype=cfg.model.dtype, temperature=g.temperature, num_minibatches=g.num_minibatches,
+        dtype=cfg.model.dtype, temperature=g.temperature, num_minibatches=g.num_minibatches, lora=cfg.model.lora,
         loss=LossConfig(kind=g.loss, ratio_clip_c=g.ratio_clip_c,
                         constant_normalizer=g.dr_grpo_normalizer or g.max_tokens,
                         clip_low=g.clip_low, clip_high=g.clip_high, normalization=g.normalization,
@@ -192,6 +214,18 @@ def cli(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.export:
+        from grpo.export import ExportError
+
+        try:
+            print(f"exported to {export(cfg, args.checkpoint, args.export)}")
+        except (ExportError, FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
+    if args.checkpoint:
+        print("error: --checkpoint goes with --export", file=sys.stderr)
+        return 2
     try:
         return asyncio.run(main(cfg, args))
     except (KeyboardInterrupt, asyncio.CancelledError):

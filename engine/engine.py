@@ -48,6 +48,7 @@ class EngineConfig:
     cpu_kv_cache_gib: int = 2            # CPU: VLLM_CPU_KVCACHE_SPACE (whole GiB)
     enforce_eager: bool | None = None    # None: eager on CPU (required), CUDA graphs + compile on GPU
     max_num_batched_tokens: int | None = None   # None: vLLM's default for the platform
+    max_lora_rank: int | None = None     # set: serve LoRA adapters of up to this rank (load_adapter)
 
 
 @dataclass
@@ -140,6 +141,7 @@ class Engine:
         # "reset_prefix_cache", ...): the order is the contract that makes a weight push land.
         self.lifecycle: list[str] = []
         self.aborted_at_sleep = 0
+        self.adapter: Any = None  # vLLM's LoRARequest every generation runs with (load_adapter), or None
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> "Engine":
@@ -161,6 +163,9 @@ class Engine:
         extra: dict[str, Any] = {}
         if self.cfg.max_num_batched_tokens is not None:
             extra["max_num_batched_tokens"] = self.cfg.max_num_batched_tokens
+        if self.cfg.max_lora_rank is not None:
+            # one adapter at a time: a push replaces it while no request runs (the engine sleeps)
+            extra.update(enable_lora=True, max_lora_rank=self.cfg.max_lora_rank, max_loras=1, max_cpu_loras=1)
         if gpu:
             extra.update(enable_sleep_mode=True, gpu_memory_utilization=self.cfg.gpu_memory_utilization)
         return LLM(
@@ -221,7 +226,8 @@ class Engine:
                 self._push(rid, EngineAsleep("the engine went to sleep for a training step; retry after it"))
                 return
             try:
-                self._llm.llm_engine.add_request(rid, {"prompt_token_ids": prompt_ids}, params)
+                self._llm.llm_engine.add_request(rid, {"prompt_token_ids": prompt_ids}, params,
+                                                 lora_request=self.adapter)
             except _client_errors() as e:  # vLLM's validation (token ids, lengths, parameters)
                 self._push(rid, InvalidRequest(str(e)))
             except Exception as e:
@@ -420,6 +426,33 @@ class Engine:
 
         await self._call(push)
         self.weight_version += 1
+        return time.perf_counter() - t0
+
+    async def load_adapter(self, folder: str | Path) -> float:
+        """Serve the LoRA adapter saved in `folder` (PEFT layout) from now on, in place of the last
+        one; the base weights stay as they are. Same lifecycle as update_weights. Returns seconds."""
+        from vllm.lora.request import LoRARequest
+
+        if self.cfg.max_lora_rank is None:
+            raise ValueError("this engine was started without LoRA (EngineConfig.max_lora_rank)")
+        t0 = time.perf_counter()
+        version = self.weight_version + 1
+        new = LoRARequest(f"policy-v{version}", version, str(folder))  # a new id: vLLM caches by id
+
+        def push(llm: Any) -> None:
+            self._wake(llm, {WEIGHTS})
+            if self.adapter is not None:
+                self._record("remove_lora")
+                llm.llm_engine.remove_lora(self.adapter.lora_int_id)
+            self._record("add_lora")
+            if not llm.llm_engine.add_lora(new):
+                raise RuntimeError(f"vLLM did not load the adapter in {folder}")
+            self.adapter = new
+            self._record("reset_prefix_cache")
+            llm.reset_prefix_cache()
+
+        await self._call(push)
+        self.weight_version = version
         return time.perf_counter() - t0
 
 

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from grpo.lora import LoraSettings
 from gym.config import GymConfig
 
 
@@ -28,12 +29,14 @@ class RunSection(_Section):
     name: str = "run"
     dir: str = "runs"                       # runs/<name>/ holds rollouts.db, checkpoints, gym logs
     seed: int = 0
+    export: bool = True                     # a finished run writes runs/<name>/model/ (plain HF folder)
 
 
 class ModelSection(_Section):
     name: str = "embedded:smollm2-135m-instruct"   # the embedded default, a local folder or a hub name
     max_model_len: int = Field(default=1024, ge=64)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    lora: LoraSettings | None = None         # {r, alpha, dropout, target_modules}: train adapters; null: full
 
 
 class EngineSection(_Section):
@@ -127,6 +130,10 @@ class Config(_Section):
     @property
     def run_dir(self) -> Path:
         return Path(self.run.dir) / self.run.name
+
+    @property
+    def export_dir(self) -> Path:
+        return self.run_dir / "model"
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:

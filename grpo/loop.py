@@ -31,6 +31,7 @@ from store.records import RolloutRecord, StepRecord
 
 from .advantages import group_advantages, overlong_penalty, zero_variance_groups
 from .config import Config
+from .export import CHECKPOINTS, POLICY, latest_checkpoint
 from .policy import PolicyTrainer, TrainSample
 
 log = logging.getLogger("grpo")
@@ -165,21 +166,20 @@ class GRPOLoop:
     # ---- checkpoints ------------------------------------------------------------------------------
     @property
     def ckpt_root(self) -> Path:
-        return self.cfg.run_dir / "checkpoints"
+        return self.cfg.run_dir / CHECKPOINTS
 
     def save_checkpoint(self) -> None:
         final = self.ckpt_root / f"step_{self.step:06d}"
         tmp = self.ckpt_root / f".tmp_step_{self.step:06d}"
         shutil.rmtree(tmp, ignore_errors=True)
-        self.policy.save_checkpoint(tmp / "policy")
+        self.policy.save_checkpoint(tmp / POLICY)
         (tmp / "loop.json").write_text(json.dumps({"step": self.step, "data_position": self.cursor.position}))
         tmp.rename(final)  # a checkpoint folder exists only once complete
         for old in sorted(self.ckpt_root.glob("step_*"))[:-1]:
             shutil.rmtree(old, ignore_errors=True)
 
     def latest_checkpoint(self) -> Path | None:
-        found = sorted(self.ckpt_root.glob("step_*"))
-        return found[-1] if found else None
+        return latest_checkpoint(self.cfg.run_dir)
 
     async def resume(self) -> bool:
         """Load the last checkpoint, drop store rows written after it, push its weights to vLLM."""
@@ -188,13 +188,26 @@ class GRPOLoop:
             self.store.truncate_after(0)
             return False
         state = json.loads((ckpt / "loop.json").read_text())
-        await asyncio.to_thread(self.policy.load_checkpoint, ckpt / "policy")
+        await asyncio.to_thread(self.policy.load_checkpoint, ckpt / POLICY)
         self.step, self.cursor.position = state["step"], state["data_position"]
         await asyncio.to_thread(self.store.truncate_after, self.step)
         await asyncio.to_thread(self.policy.offload_optimizer)  # its moments came back on the GPU
-        await self.engine.update_weights(self.policy.named_weights())
+        await self.push_weights()
         log.info("resumed from %s (step %d)", ckpt, self.step)
         return True
+
+    async def push_weights(self) -> None:
+        """The trainer's weights into the engine: every weight, or with LoRA the adapter alone
+        (saved under the run's adapters/, where vLLM reads it; older ones are removed)."""
+        if not self.policy.lora:
+            await self.engine.update_weights(self.policy.named_weights())
+            return
+        root = self.cfg.run_dir / "adapters"
+        folder = await asyncio.to_thread(self.policy.save_adapter, root / f"step_{self.policy.step:06d}")
+        await self.engine.load_adapter(folder)
+        for old in root.glob("step_*"):
+            if old != folder:
+                shutil.rmtree(old, ignore_errors=True)
 
     @property
     def sampling(self) -> dict[str, float]:
@@ -258,7 +271,7 @@ class GRPOLoop:
 
         t0 = time.perf_counter()
         if stats is not None:
-            await self.engine.update_weights(self.policy.named_weights())
+            await self.push_weights()
         t_sync = time.perf_counter() - t0
 
         self.step += 1

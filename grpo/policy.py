@@ -15,6 +15,7 @@ The methods are synchronous and serialised by a lock: the loop calls them from a
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import shutil
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from grpo.lora import LoraSettings, load_adapter_state, save_adapter, with_lora
 from grpo.loss import METRIC_KEYS, LossConfig, policy_loss
 from grpo.packing import Pack, build_pack, plan_packs
 
@@ -49,6 +51,7 @@ class TrainerConfig:
     temperature: float = 1.0  # must equal the sampling temperature
     loss: LossConfig = field(default_factory=LossConfig)
     num_minibatches: int = 1
+    lora: LoraSettings | None = None  # train LoRA adapters (grpo/lora.py) instead of every weight
 
     def __post_init__(self) -> None:
         if isinstance(self.loss, dict):  # straight from YAML
@@ -153,17 +156,20 @@ class PolicyTrainer:
         model.config.use_cache = False
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # With LoRA the PEFT wrapper injects its layers into `model` in place; the trainer keeps
+        # driving `model` (its decoder, its LM head) and the wrapper saves and toggles the adapters.
+        self.peft = with_lora(model, cfg.lora) if cfg.lora is not None else None
         model.to(self.device)
         self.vocab_size = model.get_input_embeddings().num_embeddings
 
-        self.ref_model = None
-        if cfg.loss.kl_beta > 0.0:
+        self.ref_model = None  # with LoRA the reference is the same model with its adapters off
+        if cfg.loss.kl_beta > 0.0 and self.peft is None:
             ref_dtype = torch.bfloat16 if self.bf16 else torch.float32  # frozen: no master copy needed
             self.ref_model = AutoModelForCausalLM.from_pretrained(model_path, dtype=ref_dtype).to(self.device)
             self.ref_model.eval().requires_grad_(False)
 
         optimizer = torch.optim.AdamW(
-            model.parameters(),
+            [p for p in model.parameters() if p.requires_grad],
             lr=cfg.lr,
             betas=cfg.adam_betas,
             eps=cfg.adam_eps,
@@ -388,9 +394,9 @@ class PolicyTrainer:
                 else:
                     old = _pad([old_all[i].tolist() for i in members], 0.0, torch.float32, self.device)
                 ref = None
-                if self.ref_model is not None:
-                    with torch.no_grad():
-                        ref, _ = self._run(self.ref_model, rows, members, pack, need=mask)
+                if cfg.loss.kl_beta > 0.0:
+                    with torch.no_grad(), self._reference() as ref_model:
+                        ref, _ = self._run(ref_model, rows, members, pack, need=mask)
                 loss, metrics = policy_loss(
                     lp, old, gen, adv, mask, cfg.loss,
                     batch_tokens=batch_tokens, batch_sequences=batch_sequences,
@@ -435,14 +441,38 @@ class PolicyTrainer:
             num_minibatches=minibatches,
         )
 
+    @contextlib.contextmanager
+    def _reference(self) -> Iterator[torch.nn.Module]:
+        """The frozen reference policy for the KL term."""
+        if self.peft is None:
+            yield self.ref_model
+            return
+        with self.peft.disable_adapter():
+            yield self.model
+
     # ---------------------------------------------------------------- weights
+
+    @property
+    def lora(self) -> bool:
+        return self.peft is not None
+
+    def save_adapter(self, folder: Path) -> Path:
+        """The LoRA adapter in PEFT's layout, as vLLM loads it (engine.load_adapter)."""
+        if self.peft is None:
+            raise ValueError("save_adapter needs a trainer built with lora settings")
+        with self._lock:
+            save_adapter(self.peft, folder)
+        return folder
 
     def named_weights(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, Tensor]]:
         """(name, tensor) in the checkpoint's names, as vLLM's reload_weights expects.
 
         named_parameters() yields a tied lm_head/embedding pair once, under the embedding's name, so
         a tied lm_head is never emitted. Tensors are views of the live weights unless `dtype` casts.
+        With LoRA the engine keeps the base weights and gets the adapter (save_adapter) instead.
         """
+        if self.peft is not None:
+            raise ValueError("a LoRA trainer pushes its adapter (save_adapter), not full weights")
         with self._lock:
             params = {name: p.detach() for name, p in self._unwrapped().named_parameters()}
             try:  # transformers 5 renames some architectures' weights on load; undo that
@@ -464,9 +494,12 @@ class PolicyTrainer:
         with self._lock:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            # In-memory names (not the original checkpoint layout): load_checkpoint reads them back
-            # with load_state_dict, exactly, for every architecture.
-            self._unwrapped().save_pretrained(tmp, save_original_format=False)
+            if self.peft is not None:  # the adapter alone: the base weights never change
+                save_adapter(self.peft, tmp)
+            else:
+                # In-memory names (not the original checkpoint layout): load_checkpoint reads them
+                # back with load_state_dict, exactly, for every architecture.
+                self._unwrapped().save_pretrained(tmp, save_original_format=False)
             torch.save(
                 {
                     "optimizer": self.optimizer.state_dict(),
@@ -490,13 +523,17 @@ class PolicyTrainer:
         if not files:
             raise FileNotFoundError(f"no safetensors in {dir}")
         with self._lock:
-            state: dict[str, Tensor] = {}
-            for f in files:
-                state.update(load_file(f))
-            model = self._unwrapped()
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            if unexpected or set(missing) - _tied_names(model):
-                raise ValueError(f"checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
+            if self.peft is not None:
+                load_adapter_state(self.peft, dir)
+            else:
+                state: dict[str, Tensor] = {}
+                for f in files:
+                    state.update(load_file(f))
+                model = self._unwrapped()
+                missing, unexpected = model.load_state_dict(state, strict=False)
+                if unexpected or set(missing) - _tied_names(model):
+                    raise ValueError(f"checkpoint does not match the model: missing {missing}, "
+                                     f"unexpected {unexpected} (was it trained with model.lora set?)")
             trainer = torch.load(dir / "trainer_state.pt", map_location="cpu", weights_only=False)
             self.optimizer.load_state_dict(trainer["optimizer"])
             self.scheduler.load_state_dict(trainer["scheduler"])
