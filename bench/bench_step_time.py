@@ -53,15 +53,20 @@ def main() -> None:
     if args.db:
         report(Path(args.db))
         return
+    report(run_steps(args.steps, args.config, args.set))
+
+
+def run_steps(steps: int, config: str, sets: list[str]) -> Path:
+    """`trainer.py config` for `steps` steps under a fresh run in a temporary folder: its store."""
     runs = Path(tempfile.mkdtemp(prefix="bench-runs-"))
     name = f"bench-{int(time.time())}"
-    cmd = [sys.executable, str(ROOT / "trainer.py"), args.config, "--set", f"grpo.steps={args.steps}",
+    cmd = [sys.executable, str(ROOT / "trainer.py"), config, "--set", f"grpo.steps={steps}",
            "--set", f"run.dir={runs}", "--set", f"run.name={name}", "--set", "server.port=0",
-           "--set", "gym.head_port=0"]
-    for s in args.set:
+           "--set", "gym.head_port=0", "--set", "run.export=false"]
+    for s in sets:
         cmd += ["--set", s]
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    report(runs / name / "rollouts.db")
+    return runs / name / "rollouts.db"
 
 
 if __name__ == "__main__":

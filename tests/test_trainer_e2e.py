@@ -148,3 +148,17 @@ def test_sighup_ends_the_run_with_its_status_written_and_no_gym_process_left(tin
     while group_pids(pgid) and time.time() < deadline:
         time.sleep(0.2)
     assert group_pids(pgid) == []
+
+
+def test_the_multienv_config_trains_on_both_envs_with_two_call_chain_rollouts(tiny_model, tmp_path):
+    cmd = trainer_cmd(tiny_model, tmp_path, "multi", "--set", "grpo.steps=1", "--set", "grpo.rows_per_step=6",
+                      "--set", "run.export=false")
+    cmd[2] = str(ROOT / "config-multienv.yaml")
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, p.stderr[-4000:]
+    rows = q(tmp_path / "multi" / "rollouts.db",
+             "SELECT env, min(num_model_calls), max(num_model_calls) FROM rollouts GROUP BY env ORDER BY env")
+    assert rows == [("addition", 1, 1), ("chain", 2, 2)]
+    [(cols,)] = q(tmp_path / "multi" / "rollouts.db", "SELECT count(*) FROM pragma_table_info('steps') "
+                                                      "WHERE name IN ('addition/reward_mean', 'chain/reward_mean')")
+    assert cols == 2
