@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from store import DB_NAME, open_readonly
+from store.db import NUM_GENERATION_IDS, NUM_PROMPT_IDS
 from store import metrics as M
 
 # Token fields Gym puts on every model output item: shown as counts, not as thousands of numbers.
@@ -375,11 +376,12 @@ def _text_of(content: Any) -> str:
 
 
 def _token_note(item: dict[str, Any]) -> str | None:
-    n_prompt = item.get("prompt_token_ids")
-    n_gen = item.get("generation_token_ids")
-    if n_prompt is None and n_gen is None:
+    # the store keeps counts (store.db.compact_result); stores written before it, the arrays
+    n_prompt = item.get(NUM_PROMPT_IDS, len(item.get("prompt_token_ids") or []))
+    n_gen = item.get(NUM_GENERATION_IDS, len(item.get("generation_token_ids") or []))
+    if not any(k in item for k in (NUM_PROMPT_IDS, NUM_GENERATION_IDS, *_TOKEN_FIELDS)):
         return None
-    return f"{len(n_prompt or [])} prompt ids, {len(n_gen or [])} generated ids"
+    return f"{n_prompt} prompt ids, {n_gen} generated ids"
 
 
 def _turn_of(item: Any, source: str) -> Turn:

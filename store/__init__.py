@@ -18,15 +18,18 @@ Schema:
     rollouts  id, step, policy_version, env, agent, row_index, group_index (0..G-1), row_id,
               reward, advantage, num_turns, num_model_calls, num_tool_calls, truncated (0/1),
               mask_sample (0/1), failure, latency_s, num_tokens, num_model_tokens,
-              result (the full Gym result as JSON: json_extract(result, '$.response.output'))
-    tokens    rollout_id, position (0-based in the rollout's token sequence), token_id,
+              result (the Gym result as JSON: json_extract(result, '$.response.output'); null
+              fields dropped, each item's token arrays replaced by num_prompt_token_ids and
+              num_generation_token_ids: the ids and logprobs are in tokens)
+    tokens    (a view) rollout_id, position (0-based in the rollout's token sequence), token_id,
               token_text (the decoded piece), is_model (1 = sampled by the policy, trained on),
               turn (which model call the token belongs to), gen_logprob (at sampling time),
               train_logprob (under the trainer; NULL when not computed)
 
-Indexes: rollouts(step, env), rollouts(step, reward), rollouts(env, step), rollouts(num_tokens),
-tokens(rollout_id, position) (the table's key) and tokens(abs(train_logprob - gen_logprob))
-for model tokens.
+`tokens` reads three compact tables (see store/db.py): token_rows (one row per model token),
+token_spans (each run of prompt / tool tokens as a JSON array of ids) and token_texts.
+Indexes: rollouts(step, env), rollouts(step, reward), rollouts(env, step), rollouts(num_tokens);
+one rollout's tokens are read by key.
 
 Forensic queries (each runs as written: `sqlite3 runs/<run>/rollouts.db "<query>"`):
 

@@ -79,32 +79,129 @@ def _create_schema(db: sqlite_utils.Database) -> None:
         db["rollouts"].add_column("kind", str, not_null_default="train")
     if "overlong_penalty" not in db["rollouts"].columns_dict:
         db["rollouts"].add_column("overlong_penalty", float, not_null_default=0.0)
-    # WITHOUT ROWID: the table is its (rollout_id, position) index, about half the size of a
-    # rowid table plus a separate index; tokens are by far the biggest table.
-    db.execute(
-        """CREATE TABLE IF NOT EXISTS tokens (
-            rollout_id INTEGER NOT NULL REFERENCES rollouts(id),
-            position INTEGER NOT NULL,
-            token_id INTEGER NOT NULL,
-            token_text TEXT,
-            is_model INTEGER NOT NULL,
-            turn INTEGER,
-            gen_logprob REAL,
-            train_logprob REAL,
-            PRIMARY KEY (rollout_id, position)
-        ) WITHOUT ROWID"""
-    )
+    db.execute(_TOKEN_ROWS)
+    db.execute(_TOKEN_SPANS)
+    db.execute("CREATE TABLE IF NOT EXISTS token_texts (token_id INTEGER PRIMARY KEY, text TEXT NOT NULL)")
+    if _is_table(db, "tokens"):  # a store written before token_rows: move its tokens over once
+        _migrate_tokens_table(db)
+    db.execute(_TOKENS_VIEW)
     rollouts = db["rollouts"]
     rollouts.create_index(["step", "env"], if_not_exists=True)
     rollouts.create_index(["step", "reward"], if_not_exists=True)
     rollouts.create_index(["env", "step"], if_not_exists=True)
     rollouts.create_index(["num_tokens"], if_not_exists=True)
-    # Serves "tokens where train and gen logprobs disagree most": the planner walks this index
-    # in order when the query orders by the same expression and filters is_model = 1.
+
+
+# Tokens are the store's bulk, so they are stored small and read through the `tokens` view (the
+# interface: readers never need the tables under it).
+# - token_rows: one row per model token (and per other token carrying a logprob). WITHOUT ROWID:
+#   the table is its (rollout_id, position) index. Logprobs are integers in units of 1e-5 nats
+#   (LOGPROB_SCALE): SQLite stores an integer in 0-4 bytes where a REAL always takes 8; the
+#   trainer's logprob is stored as its difference from the generator's, which is small or 0.
+# - token_spans: each run of prompt / tool / injected tokens of one model call (logprob 0) as a
+#   JSON array of ids, expanded by json_each in the view: ~5 bytes a token instead of ~17.
+# - token_texts: each token id's text, once.
+LOGPROB_SCALE = 100_000  # resolution 5e-6 nats: far below any gap worth a look
+_TOKEN_ROWS = """CREATE TABLE IF NOT EXISTS token_rows (
+    rollout_id INTEGER NOT NULL,
+    position INTEGER NOT NULL,
+    token_id INTEGER NOT NULL,
+    is_model INTEGER NOT NULL,
+    turn INTEGER,
+    gen_lp INTEGER,
+    train_delta INTEGER,
+    PRIMARY KEY (rollout_id, position)
+) WITHOUT ROWID"""
+_TOKEN_SPANS = """CREATE TABLE IF NOT EXISTS token_spans (
+    rollout_id INTEGER NOT NULL,
+    start INTEGER NOT NULL,
+    turn INTEGER,
+    has_train INTEGER NOT NULL,
+    token_ids TEXT NOT NULL,
+    PRIMARY KEY (rollout_id, start)
+) WITHOUT ROWID"""
+_TOKENS_VIEW = f"""CREATE VIEW IF NOT EXISTS tokens AS
+SELECT t.rollout_id AS rollout_id, t.position AS position, t.token_id AS token_id, x.text AS token_text,
+       t.is_model AS is_model, t.turn AS turn, t.gen_lp / {LOGPROB_SCALE}.0 AS gen_logprob,
+       (coalesce(t.gen_lp, 0) + t.train_delta) / {LOGPROB_SCALE}.0 AS train_logprob
+FROM token_rows t LEFT JOIN token_texts x ON x.token_id = t.token_id
+UNION ALL
+SELECT s.rollout_id, s.start + j.key, j.value, x.text, 0, s.turn, 0.0, CASE WHEN s.has_train THEN 0.0 END
+FROM token_spans s JOIN json_each(s.token_ids) j LEFT JOIN token_texts x ON x.token_id = j.value"""
+
+
+def _is_table(db: sqlite_utils.Database, name: str) -> bool:
+    return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", [name]).fetchone() is not None
+
+
+def _migrate_tokens_table(db: sqlite_utils.Database) -> None:
+    db.execute("INSERT OR IGNORE INTO token_texts SELECT token_id, coalesce(token_text, '') FROM tokens")
     db.execute(
-        "CREATE INDEX IF NOT EXISTS tokens_logprob_gap ON tokens(abs(train_logprob - gen_logprob)) "
-        "WHERE is_model = 1"
-    )
+        f"""INSERT INTO token_rows SELECT rollout_id, position, token_id, is_model, turn,
+               CAST(round(gen_logprob * {LOGPROB_SCALE}) AS INTEGER),
+               CAST(round(train_logprob * {LOGPROB_SCALE}) AS INTEGER)
+               - coalesce(CAST(round(gen_logprob * {LOGPROB_SCALE}) AS INTEGER), 0)
+            FROM tokens""")
+    db.execute("DROP INDEX IF EXISTS tokens_logprob_gap")
+    db.execute("DROP TABLE tokens")
+
+
+def _quantize(lp: float | None) -> int | None:
+    lp = _finite_or_none(lp)
+    return None if lp is None else round(lp * LOGPROB_SCALE)
+
+
+def split_tokens(r: RolloutRecord) -> tuple[list[tuple], list[tuple]]:
+    """The rollout's tokens as token_rows (position, token_id, is_model, turn, gen_lp, train_delta)
+    and token_spans (start, turn, has_train, ids as JSON): a span is a run of tokens of one call
+    that the model did not sample and whose logprobs are 0 (NULL for the trainer's, all alike)."""
+    train = r.train_logprobs or [None] * len(r.token_ids)
+    rows: list[tuple] = []
+    spans: list[tuple] = []
+    run: list[int] = []
+    run_key: tuple | None = None  # (start, turn, has_train) of the open span
+    for i, (tid, m, turn, g, t) in enumerate(zip(r.token_ids, r.loss_mask, r.turn_index, r.gen_logprobs, train)):
+        gq, tq = _quantize(g), _quantize(t)
+        if not m and gq == 0 and tq in (0, None):
+            key = (turn, tq is not None)
+            if run_key is None or run_key[1:] != key:
+                if run:
+                    spans.append((*run_key, json.dumps(run, separators=(",", ":"))))
+                run, run_key = [], (i, *key)
+            run.append(tid)
+            continue
+        if run:
+            spans.append((*run_key, json.dumps(run, separators=(",", ":"))))
+            run, run_key = [], None
+        rows.append((i, tid, int(m), turn, gq, None if tq is None else tq - (gq or 0)))
+    if run:
+        spans.append((*run_key, json.dumps(run, separators=(",", ":"))))
+    return rows, spans
+
+
+# Token arrays Gym puts on each output item: the tokens view holds them (the item keeps counts).
+NUM_PROMPT_IDS, NUM_GENERATION_IDS = "num_prompt_token_ids", "num_generation_token_ids"
+_RESULT_ARRAYS = {"prompt_token_ids": NUM_PROMPT_IDS, "generation_token_ids": NUM_GENERATION_IDS,
+                  "generation_log_probs": None}
+
+
+def compact_result(value: Any) -> Any:
+    """The Gym result as stored: without null fields and without the per-item token arrays (in a
+    multi-turn rollout every call's prompt ids repeat the whole history), which become counts."""
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if v is None:
+                continue
+            if k in _RESULT_ARRAYS:
+                if _RESULT_ARRAYS[k] and isinstance(v, list):
+                    out[_RESULT_ARRAYS[k]] = len(v)
+                continue
+            out[k] = compact_result(v)
+        return out
+    if isinstance(value, list):
+        return [compact_result(v) for v in value]
+    return value
 
 
 def _lower_columns(db: sqlite_utils.Database) -> set[str]:
@@ -119,6 +216,7 @@ class RunStore:
         self.path = path
         self._lock = threading.Lock()
         self._step_columns = _lower_columns(db)
+        self._texts: set[int] = {t for (t,) in db.execute("SELECT token_id FROM token_texts")}
 
     @classmethod
     def open(cls, path: Path) -> "RunStore":
@@ -205,9 +303,11 @@ class RunStore:
                     for r in rollouts:
                         self._insert_rollout(r)
             except BaseException:
-                # The rollback also undid any ALTER TABLE: forget columns that no longer exist.
+                # The rollback also undid any ALTER TABLE and token texts: forget what no longer exists.
                 self._step_columns = _lower_columns(self._db)
+                self._texts = {t for (t,) in self._db.execute("SELECT token_id FROM token_texts")}
                 raise
+
 
     def _insert_rollout(self, r: RolloutRecord) -> None:
         cur = self._db.execute(
@@ -218,30 +318,30 @@ class RunStore:
             [r.step, r.policy_version, r.env, r.agent, r.row_index, r.group_index, r.row_id,
              _finite_or_none(r.reward), _finite_or_none(r.advantage), r.num_turns, r.num_model_calls,
              r.num_tool_calls, int(r.truncated), int(r.mask_sample), r.failure, r.latency_s,
-             len(r.token_ids), int(sum(r.loss_mask)), json.dumps(r.result, default=str, ensure_ascii=False),
+             len(r.token_ids), int(sum(r.loss_mask)),
+             json.dumps(compact_result(r.result), default=str, ensure_ascii=False, separators=(",", ":")),
              r.kind, _finite_or_none(r.overlong_penalty)],
         )
         rid = cur.lastrowid
-        train = r.train_logprobs or [None] * len(r.token_ids)
+        rows, spans = split_tokens(r)
+        self._db.conn.executemany("INSERT OR IGNORE INTO token_texts (token_id, text) VALUES (?, ?)",
+                                  ((t, txt) for t, txt in zip(r.token_ids, r.token_text) if t not in self._texts))
+        self._texts.update(r.token_ids)
         # executemany: tens of thousands of token rows per step, the hot path of the writer.
         self._db.conn.executemany(
-            "INSERT INTO tokens (rollout_id, position, token_id, token_text, is_model, turn, "
-            "gen_logprob, train_logprob) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                (rid, i, tid, txt, int(m), turn, _finite_or_none(g), _finite_or_none(t))
-                for i, (tid, txt, m, turn, g, t) in enumerate(
-                    zip(r.token_ids, r.token_text, r.loss_mask, r.turn_index, r.gen_logprobs, train)
-                )
-            ),
-        )
+            "INSERT INTO token_rows (rollout_id, position, token_id, is_model, turn, gen_lp, train_delta) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)", ((rid, *row) for row in rows))
+        self._db.conn.executemany(
+            "INSERT INTO token_spans (rollout_id, start, turn, has_train, token_ids) VALUES (?, ?, ?, ?, ?)",
+            ((rid, start, turn, int(has_train), ids) for start, turn, has_train, ids in spans))
 
     def truncate_after(self, step: int) -> None:
         """Delete every step, rollout and token with a step number above `step` (resume from a
         checkpoint taken at `step`), in one transaction."""
         with self._lock, self._db.atomic():
-            self._db.execute(
-                "DELETE FROM tokens WHERE rollout_id IN (SELECT id FROM rollouts WHERE step > ?)", [step]
-            )
+            for table in ("token_rows", "token_spans"):
+                self._db.execute(
+                    f"DELETE FROM {table} WHERE rollout_id IN (SELECT id FROM rollouts WHERE step > ?)", [step])
             self._db.execute("DELETE FROM rollouts WHERE step > ?", [step])
             self._db.execute("DELETE FROM steps WHERE step > ?", [step])
 

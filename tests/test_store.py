@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
@@ -79,7 +80,8 @@ def filled(store: RunStore) -> RunStore:
 def test_open_creates_schema_in_wal_mode(store: RunStore):
     conn = open_readonly(store.path)
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert {"runs", "steps", "rollouts", "tokens"} <= tables
+    assert {"runs", "steps", "rollouts", "token_rows", "token_texts"} <= tables
+    assert conn.execute("SELECT type FROM sqlite_master WHERE name = 'tokens'").fetchone() == ("view",)
     tok_cols = [r[1] for r in conn.execute("PRAGMA table_info(tokens)")]
     assert tok_cols == ["rollout_id", "position", "token_id", "token_text", "is_model", "turn",
                         "gen_logprob", "train_logprob"]
@@ -139,7 +141,7 @@ def test_missing_train_logprobs_are_null(store: RunStore):
 
 def test_write_step_is_one_transaction(store: RunStore):
     bad = rollout(0, "mcqa", 0.0)
-    bad.token_ids[2] = None  # violates NOT NULL only after the step and the first rollout went in
+    bad.token_ids[3] = None  # a model token: violates NOT NULL only after the step and the first rollout went in
     with pytest.raises(sqlite3.IntegrityError):
         store.write_step(step_record(0, reward_mean=0.5, new_metric=1.0), [rollout(0, "math", 1.0), bad])
     assert query(store, "SELECT (SELECT count(*) FROM steps), (SELECT count(*) FROM rollouts), "
@@ -229,11 +231,12 @@ def test_documented_forensic_queries(filled: RunStore):
     assert [r[3] for r in rows] == [12] + [5] * 9
 
 
-def test_forensic_queries_use_indexes(filled: RunStore):
+def test_one_rollouts_tokens_are_read_by_key_not_by_scanning(filled: RunStore):
     conn = open_readonly(filled.path)
-    plan = " ".join(r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + forensic_queries()["logprob_disagreement"][1]))
-    assert "tokens_logprob_gap" in plan
+    plan = [r[3] for r in conn.execute("EXPLAIN QUERY PLAN SELECT * FROM tokens WHERE rollout_id = 7 ORDER BY position")]
     conn.close()
+    assert [p for p in plan if p.startswith("SEARCH t ") or p.startswith("SEARCH s ")] == [
+        "SEARCH t USING PRIMARY KEY (rollout_id=?)", "SEARCH s USING PRIMARY KEY (rollout_id=?)"], plan
 
 
 def test_readonly_connection_refuses_writes(filled: RunStore):
@@ -320,3 +323,67 @@ def test_the_overlong_penalty_is_stored_beside_the_environments_reward(store: Ru
     r.overlong_penalty = -0.25
     store.write_step(step_record(1), [r])
     assert query(store, "SELECT reward, overlong_penalty FROM rollouts") == [(1.0, -0.25)]
+
+
+def test_model_tokens_are_rows_and_the_rest_spans_read_back_in_order_through_the_view(store: RunStore):
+    r = rollout(0, "math", 1.0, n_prompt=4, n_gen=2)  # call 0: 4 prompt tokens, 2 sampled
+    r.token_ids += [200, 201, 202, 203]  # a tool result (call 1's prompt), then one sampled token
+    r.token_text += ["u0", "u1", "u2", "u3"]
+    r.loss_mask += [0, 0, 0, 1]
+    r.turn_index += [1, 1, 1, 1]
+    r.gen_logprobs += [0.0, 0.0, 0.0, -0.25]
+    r.train_logprobs += [0.0, 0.0, 0.0, -0.125]
+    store.write_step(step_record(0), [r])
+    assert query(store, "SELECT start, turn, has_train, token_ids FROM token_spans ORDER BY start") == [
+        (0, 0, 1, "[100,101,102,103]"), (6, 1, 1, "[200,201,202]")]
+    assert query(store, "SELECT position FROM token_rows ORDER BY position") == [(4,), (5,), (9,)]
+    assert query(store, "SELECT * FROM tokens ORDER BY position") == [
+        (1, i, t, x, m, u, g, tr) for i, (t, x, m, u, g, tr) in enumerate(
+            zip(r.token_ids, r.token_text, r.loss_mask, r.turn_index, r.gen_logprobs, r.train_logprobs))]
+
+
+def test_a_prompt_token_with_a_logprob_is_kept_as_a_row(store: RunStore):
+    r = rollout(0, "math", 1.0)
+    r.gen_logprobs[1] = -3.0  # not what Gym sends for prompt tokens, but it must survive
+    store.write_step(step_record(0), [r])
+    assert query(store, "SELECT position, gen_logprob FROM tokens WHERE NOT is_model ORDER BY position") == [
+        (0, 0.0), (1, -3.0), (2, 0.0)]
+
+
+def test_logprobs_are_kept_to_1e_5_nats(store: RunStore):
+    r = rollout(0, "math", 1.0)
+    r.gen_logprobs[3:] = [-1.23456789, -0.000004]
+    r.train_logprobs[3:] = [-1.2345, float("nan")]
+    store.write_step(step_record(0), [r])
+    assert query(store, "SELECT gen_logprob, train_logprob FROM tokens WHERE is_model ORDER BY position") == [
+        (-1.23457, -1.2345), (0.0, None)]
+
+
+def test_the_stored_gym_result_keeps_counts_instead_of_token_arrays_and_drops_nulls(store: RunStore):
+    r = rollout(0, "math", 1.0)
+    r.result = {"reward": 1.0, "failure_kind": None, "response": {"output": [
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "hi"}],
+         "prompt_token_ids": [1, 2, 3], "generation_token_ids": [4, 5], "generation_log_probs": [-0.1, -0.2]}]}}
+    store.write_step(step_record(0), [r])
+    [(stored,)] = query(store, "SELECT result FROM rollouts")
+    assert json.loads(stored) == {"reward": 1.0, "response": {"output": [
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "hi"}],
+         "num_prompt_token_ids": 3, "num_generation_token_ids": 2}]}}
+
+
+OLD_TOKENS_TABLE = """CREATE TABLE tokens (rollout_id INTEGER NOT NULL, position INTEGER NOT NULL,
+    token_id INTEGER NOT NULL, token_text TEXT, is_model INTEGER NOT NULL, turn INTEGER, gen_logprob REAL,
+    train_logprob REAL, PRIMARY KEY (rollout_id, position)) WITHOUT ROWID"""
+
+
+def test_a_store_with_the_old_tokens_table_is_migrated_on_open(tmp_path: Path):
+    path = tmp_path / "rollouts.db"
+    with sqlite3.connect(path) as c:
+        c.execute("CREATE TABLE rollouts (id INTEGER PRIMARY KEY, step INTEGER, env TEXT)")
+        c.execute("INSERT INTO rollouts VALUES (1, 0, 'math')")
+        c.execute(OLD_TOKENS_TABLE)
+        c.executemany("INSERT INTO tokens VALUES (1, ?, ?, ?, ?, 0, ?, ?)",
+                      [(0, 100, "a", 0, 0.0, 0.0), (1, 101, "b", 1, -0.5, -0.25), (2, 102, "c", 1, -1.5, None)])
+    RunStore.open(path).close()
+    assert ro_query(path, "SELECT * FROM tokens ORDER BY position")[1] == [
+        (1, 0, 100, "a", 0, 0, 0.0, 0.0), (1, 1, 101, "b", 1, 0, -0.5, -0.25), (1, 2, 102, "c", 1, 0, -1.5, None)]
