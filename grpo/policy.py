@@ -32,6 +32,7 @@ from torch import Tensor
 from grpo.lora import LoraSettings, load_adapter_state, save_adapter, with_lora
 from grpo.loss import METRIC_KEYS, LossConfig, policy_loss
 from grpo.packing import Pack, build_pack, plan_packs
+from grpo.ranks import merge_lists, rank, share, sum_floats, sum_gradients, world_size
 
 PAD_ID = 0  # any valid id: padded positions are masked out of attention and of the loss
 
@@ -168,8 +169,9 @@ class PolicyTrainer:
             self.ref_model = AutoModelForCausalLM.from_pretrained(model_path, dtype=ref_dtype).to(self.device)
             self.ref_model.eval().requires_grad_(False)
 
+        self._trained = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad],
+            self._trained,
             lr=cfg.lr,
             betas=cfg.adam_betas,
             eps=cfg.adam_eps,
@@ -179,7 +181,13 @@ class PolicyTrainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0
         )
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        if world_size() > 1:
+            # Ranks sum their gradients themselves (grpo/ranks.py): a DDP wrapper would average
+            # them and expects every forward through itself, not through the decoder and LM head.
+            self.optimizer, self.scheduler = self.accelerator.prepare(optimizer, scheduler)
+            self.model = model
+        else:
+            self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self.step = 0  # optimizer steps taken
         self._offloaded = False
         self._check_selective_forward(model_path)
@@ -384,7 +392,8 @@ class PolicyTrainer:
                 continue
             self.model.train()
             mb_loss = 0.0
-            for members, pack in self._micro_batches(rows, idx):
+            mine = share(rows, idx, world_size(), rank())  # all of idx with one process
+            for members, pack in self._micro_batches(rows, mine):
                 mask = _pad([samples[i].loss_mask for i in members], 0, torch.float32, self.device)
                 gen = _pad([samples[i].gen_logprobs for i in members], 0.0, torch.float32, self.device)
                 adv = torch.tensor([samples[i].advantage for i in members], dtype=torch.float32, device=self.device)
@@ -409,8 +418,10 @@ class PolicyTrainer:
                 kept = torch.where(mask.bool(), old, 0.0).cpu()
                 for j, i in enumerate(members):
                     train_logprobs[i] = kept[j, : len(rows[i])].tolist()
+            sum_gradients(self._trained)
+            [mb_loss] = sum_floats([mb_loss])
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm else math.inf
-            norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm))
+            norm = float(self.accelerator.clip_grad_norm_(self._trained, max_norm))
             if math.isfinite(norm):
                 self.optimizer.step()
                 self.scheduler.step()
@@ -421,6 +432,8 @@ class PolicyTrainer:
             losses.append(mb_loss)
             norms.append(norm)
 
+        sums = dict(zip(sums, sum_floats(list(sums.values()))))
+        train_logprobs = merge_lists(train_logprobs)
         tokens = sums["tokens"]
         return TrainStats(
             loss=sum(losses) / len(losses),
