@@ -6,6 +6,7 @@
     python trainer.py config.yaml --serve       # only the policy endpoint (+ dashboard)
     python trainer.py config.yaml --export DIR  # the run's last checkpoint as a plain HF folder
     python trainer.py config.yaml --set grpo.steps=5 --set run.name=try1
+    torchrun --nproc_per_node 8 trainer.py config.yaml   # a rank (engine + endpoint + trainer) per GPU
 
 One asyncio loop serves the policy endpoint and the dashboard (one Starlette app under uvicorn),
 drives vLLM in-process, talks to the NeMo Gym subprocesses over HTTP, and runs the GRPO loop with
@@ -59,13 +60,14 @@ def overrides(pairs: list[str]) -> dict:
     return out
 
 
-async def start_engine(cfg: Config):
+async def start_engine(cfg: Config, rank: int, world: int):
     from engine.engine import Engine, EngineConfig
     from engine.models import resolve_model
 
     path = resolve_model(cfg.model.name)
     engine = Engine(EngineConfig(model=path, max_model_len=cfg.model.max_model_len, dtype=cfg.model.dtype,
-                                 seed=cfg.run.seed, max_num_seqs=cfg.engine.max_num_seqs,
+                                 seed=cfg.run.seed + rank, max_num_seqs=cfg.engine.max_num_seqs,
+                                 external_launcher=world > 1,
                                  gpu_memory_utilization=cfg.engine.gpu_memory_utilization,
                                  cpu_kv_cache_gib=cfg.engine.cpu_kv_cache_gib,
                                  enforce_eager=cfg.engine.enforce_eager,
@@ -99,9 +101,11 @@ async def main(cfg: Config, args: argparse.Namespace) -> int:
 
     from dashboard.app import dashboard_routes
     from engine.server import HTTPServer, SamplingPin, ServerConfig, policy_routes
+    from grpo import ranks
     from gym.rollouts import collect, env_metrics, load_env_rows
     from gym.servers import GymServers
 
+    world, rank = ranks.world_size(), ranks.rank()
     run_dir = cfg.run_dir.resolve()
     training = not (args.serve or args.eval)
     if training and not args.resume and latest_checkpoint(run_dir) is not None:
@@ -109,29 +113,43 @@ async def main(cfg: Config, args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     run_dir.mkdir(parents=True, exist_ok=True)
-    gym = GymServers(cfg.gym)
-    engine, model_path = await start_engine(cfg)
+    gym = GymServers(cfg.gym)  # started by rank 0 only
+    engine, model_path = await start_engine(cfg, rank, world)
     # The engine installs its own SIGINT/SIGTERM handlers; ours replace them so that Ctrl-C, a kill
     # or a closed terminal cancels the run at once and the `finally` below writes the run's status
     # and stops Gym, the server and the engine. This is the process's only signal handling.
     main_task = asyncio.current_task()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         asyncio.get_running_loop().add_signal_handler(sig, main_task.cancel)
-    pin = SamplingPin()  # the loop declares the training temperature while it collects rollouts
+    from grpo.conductor import LeaderEngine, LeaderPin, LeaderPolicy, follow, gather_endpoints, tell
+
+    # the loop declares the training temperature while it collects rollouts (on every rank's endpoint)
+    pin = LeaderPin() if world > 1 and rank == 0 else SamplingPin()
     server_cfg = ServerConfig(model_name=cfg.server.model_name, api_key=cfg.server.api_key,
                               default_temperature=cfg.grpo.temperature, default_max_tokens=cfg.grpo.max_tokens,
                               tool_parser=cfg.server.tool_parser, strict_sampling=not args.serve, pin=pin)
-    app = Starlette(routes=policy_routes(engine, server_cfg)
-                    + dashboard_routes(Path(cfg.run.dir), gym_status=gym.status, token=cfg.server.dashboard_token))
-    http = await HTTPServer.start(app, cfg.server.host, cfg.server.port)
+    routes = policy_routes(engine, server_cfg)
+    if rank == 0:
+        routes += dashboard_routes(Path(cfg.run.dir), gym_status=gym.status, token=cfg.server.dashboard_token)
+    http = await HTTPServer.start(Starlette(routes=routes), cfg.server.host, cfg.server.port + rank if cfg.server.port else 0)
     base = f"http://127.0.0.1:{http.port}"
-    print(f"policy endpoint {base}/v1   dashboard {base}/", flush=True)
+    endpoints = gather_endpoints(f"{base}/v1") if world > 1 else [f"{base}/v1"]
+    print(f"policy endpoint {base}/v1" + (f"   dashboard {base}/" if rank == 0 else f"   (rank {rank})"), flush=True)
     store = None
     status = "failed"  # unless the run completes; a cancelled (Ctrl-C) run says "interrupted"
     try:
+        if rank > 0:  # a follower: its endpoint serves Gym; it sleeps, trains and pushes when rank 0 says
+            from grpo.policy import PolicyTrainer
+
+            policy = await asyncio.to_thread(PolicyTrainer, model_path, trainer_config(cfg), cfg.run.seed) \
+                if training else None
+            await follow(engine, policy, pin, run_dir / "adapters" / f"rank{rank}")
+            status = "finished"
+            return 0
         if args.serve:
             await asyncio.Event().wait()
-        await gym.start(f"{base}/v1", cfg.server.model_name, cfg.server.api_key, run_dir / "gym")
+        await gym.start(endpoints if world > 1 else endpoints[0], cfg.server.model_name, cfg.server.api_key,
+                        run_dir / "gym")
         timeout = aiohttp.ClientTimeout(total=None)
         async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
             if args.eval:
@@ -140,6 +158,8 @@ async def main(cfg: Config, args: argparse.Namespace) -> int:
                                          cfg.gym.request_timeout_s, cfg.gym.max_retries)
                 for k, v in env_metrics(rollouts).items():
                     print(f"{k:40s} {v:.4f}")
+                if world > 1:
+                    await asyncio.to_thread(tell, "stop")
                 status = "finished"
                 return 0
             from grpo.loop import GRPOLoop
@@ -148,6 +168,8 @@ async def main(cfg: Config, args: argparse.Namespace) -> int:
 
             store = RunStore.open(run_dir)
             policy = await asyncio.to_thread(PolicyTrainer, model_path, trainer_config(cfg), cfg.run.seed)
+            if world > 1:  # every lifecycle and training call is told to the followers first
+                engine, policy, pin.armed = LeaderEngine(engine), LeaderPolicy(policy), True
             loop = GRPOLoop(cfg, engine, gym, store, policy, load_env_rows(cfg.gym, "train"), pin=pin,
                             eval_rows=load_env_rows(cfg.gym, "eval"))
             store.start_run(cfg.run.name, cfg.model_dump(mode="json"), cfg.model.name)
@@ -160,6 +182,8 @@ async def main(cfg: Config, args: argparse.Namespace) -> int:
             loop.progress = update
             with bar:
                 await loop.run(session)
+            if world > 1:
+                await asyncio.to_thread(tell, "stop")
             if cfg.run.export:
                 ckpt = loop.latest_checkpoint()
                 out = await asyncio.to_thread(export, cfg, ckpt, cfg.export_dir)
@@ -175,6 +199,8 @@ async def main(cfg: Config, args: argparse.Namespace) -> int:
         await gym.stop()
         await http.stop()
         await engine.shutdown()
+        if world > 1:
+            print(f"rank {rank}: served {engine.generations} generations", flush=True)
 
 
 def export(cfg: Config, checkpoint: Path | None, out: Path) -> Path:
@@ -226,11 +252,19 @@ def cli(argv: list[str] | None = None) -> int:
     if args.checkpoint:
         print("error: --checkpoint goes with --export", file=sys.stderr)
         return 2
+    from grpo import ranks
+
+    world = ranks.init()  # under torchrun / accelerate launch: one rank per GPU (grpo/conductor.py)
     try:
-        return asyncio.run(main(cfg, args))
+        code = asyncio.run(main(cfg, args))
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("interrupted; the last checkpoint can be resumed with --resume", file=sys.stderr)
-        return 130
+        code = 130
+    if world > 1:  # a rank's listener thread may still wait in a collective its peers left: do not join it
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

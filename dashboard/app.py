@@ -229,6 +229,8 @@ class Dashboard:
                               [S("token_mult_prob_error", m(M.TOKEN_MULT_PROB_ERROR))]),
             charts.line_chart("chart-gen-kl", "gen_kl_error", [S("gen_kl_error", m(M.GEN_KL_ERROR))]),
             charts.line_chart("chart-tps", "Tokens / s", [S("tokens/s", m(M.TOKENS_PER_S))]),
+            charts.line_chart("chart-memory", "Peak memory (GiB: RSS on CPU, allocated on GPU)",
+                              [S("peak GiB", m(M.PEAK_MEMORY_GIB))]),
             charts.stacked_bars("chart-time", "Step time (s)", [
                 S("generation", m(M.TIME_GENERATION_S)), S("training", m(M.TIME_TRAINING_S)),
                 S("weight sync", m(M.TIME_WEIGHT_SYNC_S)), S("logging", m(M.TIME_LOGGING_S))]),

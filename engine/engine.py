@@ -49,6 +49,7 @@ class EngineConfig:
     enforce_eager: bool | None = None    # None: eager on CPU (required), CUDA graphs + compile on GPU
     max_num_batched_tokens: int | None = None   # None: vLLM's default for the platform
     max_lora_rank: int | None = None     # set: serve LoRA adapters of up to this rank (load_adapter)
+    external_launcher: bool = False      # one engine per torchrun rank, on the ranks' process group
 
 
 @dataclass
@@ -142,6 +143,7 @@ class Engine:
         self.lifecycle: list[str] = []
         self.aborted_at_sleep = 0
         self.adapter: Any = None  # vLLM's LoRARequest every generation runs with (load_adapter), or None
+        self.generations = 0      # requests handed to vLLM since start
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> "Engine":
@@ -163,6 +165,10 @@ class Engine:
         extra: dict[str, Any] = {}
         if self.cfg.max_num_batched_tokens is not None:
             extra["max_num_batched_tokens"] = self.cfg.max_num_batched_tokens
+        if self.cfg.external_launcher:
+            # each rank's engine is its own (tensor_parallel_size 1), built on the process group the
+            # trainer's ranks already joined (grpo/ranks.py), on the rank's own device
+            extra["distributed_executor_backend"] = "external_launcher"
         if self.cfg.max_lora_rank is not None:
             # one adapter at a time: a push replaces it while no request runs (the engine sleeps)
             extra.update(enable_lora=True, max_lora_rank=self.cfg.max_lora_rank, max_loras=1, max_cpu_loras=1)
@@ -313,6 +319,7 @@ class Engine:
                                "retry after it")
         params = self.sampling_params(opts)
         rid = f"req-{next(self._ids)}"
+        self.generations += 1
         q: asyncio.Queue = asyncio.Queue()
         self._streams[rid] = (asyncio.get_running_loop(), q)
         self._cmds.put(("add", (rid, list(prompt_ids), params)))

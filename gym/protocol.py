@@ -28,7 +28,8 @@ class LaunchSpec:
     """How to start one Gym run (trainer -> launcher)."""
 
     config_paths: list[str]                    # Gym env YAMLs
-    policy_base_url: str                       # our OpenAI endpoint, e.g. http://127.0.0.1:8080/v1
+    policy_base_url: str | list[str]           # our OpenAI endpoint(s), e.g. http://127.0.0.1:8080/v1; a
+                                               # list (one per rank): Gym spreads sessions over them
     policy_model_name: str
     server_log_dir: str
     venv_root: str                             # <type>/<name>/.venv symlinks to gym_venv live here

@@ -94,14 +94,15 @@ class GymServers:
         self.failed: GymStartError | None = None    # set once group restarts keep failing
 
     # -- start --------------------------------------------------------------------------------
-    async def start(self, policy_base_url: str, model_name: str, api_key: str | None, log_dir: Path) -> None:
+    async def start(self, policy_base_url: str | list[str], model_name: str, api_key: str | None,
+                    log_dir: Path) -> None:
         """Launch Gym and return once the head server and every configured server answer."""
         self._start_args = (policy_base_url, model_name, api_key, Path(log_dir))
         self._restart_lock = asyncio.Lock()
         await self._launch()
         self._watchdog = asyncio.get_running_loop().create_task(self._watch(), name="gym-watchdog")
 
-    def _spec(self, policy_base_url: str, model_name: str, api_key: str | None, log_dir: Path) -> LaunchSpec:
+    def _spec(self, policy_base_url: str | list[str], model_name: str, api_key: str | None, log_dir: Path) -> LaunchSpec:
         cfg = self.config
         return LaunchSpec(
             config_paths=[str(p) for p in cfg.config_paths()], policy_base_url=policy_base_url,

@@ -177,7 +177,7 @@ class RunWriter:
             "token_mult_prob_error": sum(math.exp(g) for g in gaps) / len(gaps),
             "gen_kl_error": 1e-5 * (step + 1), "tokens_per_s": n_model / 4.0,
             "time_generation_s": 3.0 + step, "time_training_s": 2.0, "time_weight_sync_s": 0.3,
-            "time_logging_s": 0.05,
+            "time_logging_s": 0.05, "peak_memory_gib": 6.0 + 0.25 * step,
         }
         for env in sorted({r.env for r in rollouts}):
             rs = [r.reward for r in rollouts if r.env == env]
@@ -337,8 +337,9 @@ def test_overview_shows_status_step_and_charts(site, page: Page):
     assert page.inner_text("h1") == site["run"]
     assert page.inner_text("#run-status") == status
     assert page.inner_text("#run-step") == str(last_step)
-    for chart in ("reward", "loss", "kl", "entropy", "clip", "mismatch", "gen-kl", "tps", "time"):
+    for chart in ("reward", "loss", "kl", "entropy", "clip", "mismatch", "gen-kl", "tps", "memory", "time"):
         assert page.locator(f"#chart-{chart} svg").count() == 1, chart
+    assert page.get_attribute("#chart-memory", "data-points") == str(n_steps)
     assert page.get_attribute("#chart-reward", "data-points") == str(n_steps)
     assert page.get_attribute("#chart-reward", "data-last-x") == str(last_step)
     assert page.locator("#chart-reward polyline").count() >= 1

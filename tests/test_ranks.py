@@ -52,3 +52,66 @@ def test_two_gloo_ranks_take_the_one_process_step(tiny_model, tmp_path, minibatc
         assert two["weights"][k] == pytest.approx(v, rel=1e-5, abs=1e-5), k  # fp32 over millions of elements
     moved = [k for k, v in one["weights"].items() if v != pytest.approx(one["weights_before"][k], abs=1e-4)]
     assert len(moved) == len(one["weights"])  # the step moved every tensor: the comparison is not vacuous
+
+
+def torchrun_trainer(tiny_model: str, runs: Path, name: str, *extra: str) -> list[str]:
+    from tests.conftest import trainer_cmd
+
+    cmd = trainer_cmd(tiny_model, runs, name, *extra)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] + cmd[1:]
+
+
+@pytest.mark.slow
+def test_two_ranks_train_with_an_engine_and_endpoint_each_that_gym_uses_both(tiny_model, tmp_path):
+    import sqlite3
+
+    cmd = torchrun_trainer(tiny_model, tmp_path, "two", "--set", "grpo.steps=2", "--set", "grpo.rows_per_step=4")
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, (p.stdout + p.stderr)[-5000:]
+    served = {int(r): int(n) for r, n in re_findall(r"rank (\d): served (\d+) generations", p.stdout)}
+    assert served.keys() == {0, 1} and min(served.values()) > 0, p.stdout[-2000:]
+    with sqlite3.connect(tmp_path / "two" / "rollouts.db") as db:
+        rows = db.execute("SELECT step, token_mult_prob_error FROM steps ORDER BY step").fetchall()
+    assert [s for s, _ in rows] == [1, 2]
+    assert all(abs(e - 1.0) < 1e-3 for _, e in rows)  # both engines got step 1's weights
+    assert (tmp_path / "two" / "model" / "model.safetensors").exists()
+
+
+def re_findall(pattern: str, text: str) -> list[tuple[str, ...]]:
+    import re
+
+    return re.findall(pattern, text)
+
+
+@pytest.mark.slow
+def test_a_killed_rank_ends_the_whole_run_and_leaves_nothing_running(tiny_model, tmp_path):
+    import signal
+    import time
+
+    import psutil
+
+    from gym.proctree import group_pids, pids_mentioning
+
+    cmd = torchrun_trainer(tiny_model, tmp_path, "kill", "--set", "grpo.steps=50", "--set", "grpo.rows_per_step=4")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    db = tmp_path / "kill" / "rollouts.db"
+    spec = str(tmp_path / "kill" / "gym" / "spec.json")
+    deadline = time.time() + 900
+    import sqlite3
+    while not (db.exists() and sqlite3.connect(db).execute("SELECT count(*) FROM steps").fetchone()[0] >= 1):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.5)
+    [launcher] = pids_mentioning(spec)
+    pgid = os.getpgid(launcher)
+    workers = [c for c in psutil.Process(proc.pid).children() if "trainer.py" in " ".join(c.cmdline())]
+    [follower] = [w for w in workers if w.environ().get("RANK") == "1"]
+    follower.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=180) != 0
+    deadline = time.time() + 30
+    while (group_pids(pgid) or any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)) \
+            and time.time() < deadline:
+        time.sleep(0.2)
+    assert group_pids(pgid) == []
+    assert not [w.pid for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
