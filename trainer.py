@@ -200,7 +200,10 @@ async def main(cfg: Config, args: argparse.Namespace) -> int:
         await http.stop()
         await engine.shutdown()
         if world > 1:
-            print(f"rank {rank}: served {engine.generations} generations", flush=True)
+            from grpo.loop import peak_memory_gib
+
+            print(f"rank {rank}: served {engine.generations} generations, peak memory {peak_memory_gib():.2f} GiB",
+                  flush=True)
 
 
 def export(cfg: Config, checkpoint: Path | None, out: Path) -> Path:

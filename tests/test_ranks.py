@@ -65,7 +65,9 @@ def torchrun_trainer(tiny_model: str, runs: Path, name: str, *extra: str) -> lis
 def test_two_ranks_train_with_an_engine_and_endpoint_each_that_gym_uses_both(tiny_model, tmp_path):
     import sqlite3
 
-    cmd = torchrun_trainer(tiny_model, tmp_path, "two", "--set", "grpo.steps=2", "--set", "grpo.rows_per_step=4")
+    # a big learning rate: an engine that missed step 1's push would sample step 2 from other weights
+    cmd = torchrun_trainer(tiny_model, tmp_path, "two", "--set", "grpo.steps=2", "--set", "grpo.rows_per_step=4",
+                           "--set", "grpo.lr=1e-3")
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, (p.stdout + p.stderr)[-5000:]
@@ -115,3 +117,22 @@ def test_a_killed_rank_ends_the_whole_run_and_leaves_nothing_running(tiny_model,
         time.sleep(0.2)
     assert group_pids(pgid) == []
     assert not [w.pid for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.slow
+def test_a_two_rank_run_resumes_in_one_process_from_its_checkpoint(tiny_model, tmp_path):
+    import sqlite3
+
+    from tests.conftest import trainer_cmd
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = torchrun_trainer(tiny_model, tmp_path, "grow", "--set", "grpo.steps=2", "--set", "run.export=false")
+    p = subprocess.run(first, cwd=ROOT, capture_output=True, text=True, timeout=1200, env=env)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    again = trainer_cmd(tiny_model, tmp_path, "grow", "--set", "grpo.steps=3", "--resume")
+    p = subprocess.run(again, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, p.stderr[-4000:]
+    with sqlite3.connect(tmp_path / "grow" / "rollouts.db") as db:
+        rows = db.execute("SELECT step, token_mult_prob_error FROM steps ORDER BY step").fetchall()
+    assert [s for s, _ in rows] == [1, 2, 3]
+    assert abs(rows[-1][1] - 1.0) < 1e-3  # step 3 sampled from the 2-rank checkpoint's weights
