@@ -272,6 +272,7 @@ class GRPOLoop:
         t_gen = time.perf_counter() - t0
 
         t0 = time.perf_counter()
+        await asyncio.to_thread(return_free_memory)  # generation's buffers, before training's
         if g.offload_params:
             await asyncio.to_thread(self.policy.reload_params)
         adv, keep = advantages_for(rollouts, self.cfg)
