@@ -21,8 +21,10 @@ PROMPT = [1, 2, 3, 4, 5, 6, 7, 8]
 SETTINGS = LoraSettings(r=8, alpha=16)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def lora_engine(tiny_model: str) -> Iterator[tuple[Engine, _LoopThread]]:
+    """A second in-process engine, with LoRA. Session-scoped: vLLM's parallel groups are process
+    globals, and shutting one engine down tears them down under every other engine of the process."""
     lt = _LoopThread()
     engine = lt.run(Engine(EngineConfig(model=tiny_model, max_model_len=256, seed=0, max_lora_rank=8)).start())
     yield engine, lt
