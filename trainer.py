@@ -102,6 +102,7 @@ async def main(cfg: Config, args: argparse.Namespace) -> int:
     from dashboard.app import dashboard_routes
     from engine.server import HTTPServer, SamplingPin, ServerConfig, policy_routes
     from grpo import ranks
+    from grpo.conductor import LeaderEngine, LeaderPin, LeaderPolicy, follow, gather_endpoints, tell
     from gym.rollouts import collect, env_metrics, load_env_rows
     from gym.servers import GymServers
 
@@ -121,8 +122,6 @@ async def main(cfg: Config, args: argparse.Namespace) -> int:
     main_task = asyncio.current_task()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         asyncio.get_running_loop().add_signal_handler(sig, main_task.cancel)
-    from grpo.conductor import LeaderEngine, LeaderPin, LeaderPolicy, follow, gather_endpoints, tell
-
     # the loop declares the training temperature while it collects rollouts (on every rank's endpoint)
     pin = LeaderPin() if world > 1 and rank == 0 else SamplingPin()
     server_cfg = ServerConfig(model_name=cfg.server.model_name, api_key=cfg.server.api_key,
@@ -131,7 +130,8 @@ async def main(cfg: Config, args: argparse.Namespace) -> int:
     routes = policy_routes(engine, server_cfg)
     if rank == 0:
         routes += dashboard_routes(Path(cfg.run.dir), gym_status=gym.status, token=cfg.server.dashboard_token)
-    http = await HTTPServer.start(Starlette(routes=routes), cfg.server.host, cfg.server.port + rank if cfg.server.port else 0)
+    port = cfg.server.port + rank if cfg.server.port else 0  # every rank its own endpoint
+    http = await HTTPServer.start(Starlette(routes=routes), cfg.server.host, port)
     base = f"http://127.0.0.1:{http.port}"
     endpoints = gather_endpoints(f"{base}/v1") if world > 1 else [f"{base}/v1"]
     print(f"policy endpoint {base}/v1" + (f"   dashboard {base}/" if rank == 0 else f"   (rank {rank})"), flush=True)
