@@ -5,8 +5,9 @@ GPU) behind its own OpenAI endpoint, and its own replica of the trainer. Rank 0 
 servers (given every rank's endpoint: Gym spreads sessions over them), the step loop, the store
 and the dashboard. The loop drives its engine, trainer and sampling pin through the `Leader*`
 stand-ins below, which first tell the followers to do the same (a broadcast over the process
-group), so every rank sleeps, wakes, trains (grpo/ranks.py sums the gradients) and pushes its own
-weights into its own engine at the same point of the step. A follower's endpoint serves Gym's
+group), so every rank sleeps, wakes, trains (its share; grpo/ranks.py), gathers the full weights
+and pushes them into its own engine, and checkpoints at the same point of the step: the sharded
+trainer's collectives must meet in the same order on every rank. A follower's endpoint serves Gym's
 requests from its event loop meanwhile: the blocking collectives run in worker threads.
 """
 
@@ -26,8 +27,8 @@ from grpo.policy import PolicyTrainer, TrainSample, TrainStats
 
 log = logging.getLogger("conductor")
 
-WAKE, SLEEP, PIN, TRAIN, PUSH, LOAD, OPTIMIZER, PARAMS, STOP = (
-    "wake", "sleep", "pin", "train", "push", "load", "optimizer", "params", "stop")
+WAKE, SLEEP, PIN, TRAIN, PUSH, SAVE, LOAD, OPTIMIZER, PARAMS, STOP = (
+    "wake", "sleep", "pin", "train", "push", "save", "load", "optimizer", "params", "stop")
 
 
 def tell(*command: Any) -> None:
@@ -66,14 +67,6 @@ class LeaderEngine:
         await asyncio.to_thread(tell, SLEEP)
         return await self._engine.sleep()
 
-    async def update_weights(self, named_tensors: Iterable[tuple[str, Any]]) -> float:
-        await asyncio.to_thread(tell, PUSH)
-        return await self._engine.update_weights(named_tensors)
-
-    async def load_adapter(self, folder: str | Path) -> float:
-        await asyncio.to_thread(tell, PUSH)
-        return await self._engine.load_adapter(folder)
-
 
 class LeaderPolicy:
     """Rank 0's trainer: training and state changes are first told to the followers (the loop calls
@@ -88,6 +81,19 @@ class LeaderPolicy:
     def train_step(self, samples: list[TrainSample]) -> TrainStats:
         tell(TRAIN, samples)
         return self._policy.train_step(samples)
+
+    def named_weights(self) -> Any:
+        # a push starts here (grpo.loop.push_policy): the gather is a collective when sharded
+        tell(PUSH)
+        return self._policy.named_weights()
+
+    def save_adapter(self, folder: Path) -> Path:
+        tell(PUSH)
+        return self._policy.save_adapter(folder)
+
+    def save_checkpoint(self, folder: Path) -> None:
+        tell(SAVE, str(folder))
+        self._policy.save_checkpoint(folder)
 
     def load_checkpoint(self, folder: Path) -> None:
         tell(LOAD, str(folder))
@@ -143,6 +149,8 @@ async def follow(engine: Engine, policy: PolicyTrainer | None, pin: SamplingPin,
             await asyncio.to_thread(policy.train_step, args[0])
         elif kind == PUSH:
             await push_policy(engine, policy, adapters)
+        elif kind == SAVE:
+            await asyncio.to_thread(policy.save_checkpoint, Path(args[0]))  # gathers; rank 0 writes
         elif kind == LOAD:
             await asyncio.to_thread(policy.load_checkpoint, Path(args[0]))
         elif kind == OPTIMIZER:

@@ -26,13 +26,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from grpo.lora import LoraSettings, load_adapter_state, save_adapter, with_lora
 from grpo.loss import METRIC_KEYS, LossConfig, policy_loss
 from grpo.packing import Pack, build_pack, plan_packs
-from grpo.ranks import merge_lists, rank, share, sum_floats, sum_gradients, world_size
+from grpo.ranks import full, merge_lists, rank, shard, share, shard_like, sum_floats, sum_gradients, world_size
 
 PAD_ID = 0  # any valid id: padded positions are masked out of attention and of the loss
 
@@ -110,6 +109,23 @@ def output_logits(model: torch.nn.Module, hidden: Tensor) -> Tensor:
     return logits
 
 
+class SelectedLogits(torch.nn.Module):
+    """A causal LM's logits at chosen positions only: the decoder runs on every token, the LM head
+    (a 49k vocab: most of a step's memory traffic) on the positions whose next token is scored.
+
+    The whole forward is one call of this module, so that FSDP's hooks (grpo/ranks.shard) gather
+    and free the weights outside the decoder layers (embeddings, final norm, tied LM head) around it.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, at: tuple[Tensor, Tensor], **inputs: Tensor) -> Tensor:
+        hidden = self.model.get_decoder()(use_cache=False, **inputs).last_hidden_state
+        return output_logits(self.model, hidden[at])
+
+
 def pack_micro_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
     """Group sequence indices so that len(group) * longest <= max_tokens.
 
@@ -169,7 +185,16 @@ class PolicyTrainer:
             self.ref_model = AutoModelForCausalLM.from_pretrained(model_path, dtype=ref_dtype).to(self.device)
             self.ref_model.eval().requires_grad_(False)
 
-        self._trained = [p for p in model.parameters() if p.requires_grad]
+        self.model = model
+        self._net = SelectedLogits(model)
+        self._ref_net = SelectedLogits(self.ref_model) if self.ref_model is not None else None
+        self._check_selective_forward(model_path)
+        # Several ranks shard the weights, gradients and Adam's moments (FSDP2); LoRA adapters are
+        # small enough to replicate (grpo/ranks.sum_gradients), and the frozen reference stays whole.
+        self.sharded = world_size() > 1 and self.peft is None
+        if self.sharded:
+            shard(self._net, [m for m in model.modules() if type(m).__name__ in (model._no_split_modules or ())])
+        self._trained = [p for p in model.parameters() if p.requires_grad]  # after shard(): its DTensors
         optimizer = torch.optim.AdamW(
             self._trained,
             lr=cfg.lr,
@@ -181,16 +206,11 @@ class PolicyTrainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0
         )
-        if world_size() > 1:
-            # Ranks sum their gradients themselves (grpo/ranks.py): a DDP wrapper would average
-            # them and expects every forward through itself, not through the decoder and LM head.
-            self.optimizer, self.scheduler = self.accelerator.prepare(optimizer, scheduler)
-            self.model = model
-        else:
-            self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        # The model is not prepare()d: every forward goes through `SelectedLogits`, and ranks
+        # reduce gradients themselves (FSDP's reduce-scatter, or sum_gradients), summing, not averaging.
+        self.optimizer, self.scheduler = self.accelerator.prepare(optimizer, scheduler)
         self.step = 0  # optimizer steps taken
         self._offloaded = False
-        self._check_selective_forward(model_path)
 
     def _check_selective_forward(self, model_path: str) -> None:
         """Refuse a model whose forward post-processes logits in a way `output_logits` does not know:
@@ -198,13 +218,13 @@ class PolicyTrainer:
         n = min(12, self.vocab_size)
         ids = torch.arange(1, n + 1, device=self.device)[None] % self.vocab_size
         attn = torch.ones_like(ids)
-        need = torch.ones_like(ids)
-        need[:, 0] = 0
         with torch.no_grad():
             self.model.eval()
-            full, _ = self._forward(self.model, ids, attn)
-            selective, _ = self._forward(self.model, ids, attn, need=need)
-        gap = float((full - selective).abs().max())
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                logits = self.model(input_ids=ids, attention_mask=attn, use_cache=False).logits[0, :-1]
+            full = torch.log_softmax(logits.float() / self.cfg.temperature, -1).gather(-1, ids[0, 1:, None])[:, 0]
+            selective, _ = self._forward(self._net, ids, attn)
+        gap = float((full - selective[0, 1:]).abs().max())
         if gap > (2e-2 if self.bf16 else 1e-3):
             raise ValueError(
                 f"{model_path}: the model's forward changes its logits after the LM head in a way this trainer "
@@ -212,45 +232,30 @@ class PolicyTrainer:
 
     # ---------------------------------------------------------------- forward
 
-    def _unwrapped(self) -> torch.nn.Module:
-        return self.accelerator.unwrap_model(self.model)
+    def _forward(self, net: SelectedLogits, ids: Tensor, attn: Tensor, need: Tensor | None = None,
+                 entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Per-token logprobs [B, L] of a padded batch: at the positions `need` marks (None: every
+        real token but the first), 0.0 elsewhere; with `entropy`, the entropy of the sampling
+        distribution at the same positions (no gradient: it is a metric)."""
+        where = (attn if need is None else need)[:, 1:].bool()  # the logprob of token t comes from position t-1
+        b, c = where.nonzero(as_tuple=True)
+        return self._score(net, (b, c), ids[b, c + 1], (b, c + 1), ids.shape, entropy,
+                           input_ids=ids, attention_mask=attn)
 
-    def _forward(
-        self, model: torch.nn.Module, ids: Tensor, attn: Tensor, entropy_mask: Tensor | None = None,
-        need: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
-        """Per-token logprobs [B, L] (position 0: 0.0) and, where `entropy_mask` is set, the entropy
-        of the sampling distribution there (no gradient: it is a metric).
-
-        With `need` [B, L], only those positions get a logprob (the rest 0.0): the vocab projection
-        and log-softmax then run on the model tokens alone instead of every position, which on a
-        49k vocab is most of the memory traffic of a training step.
-        """
-        if need is None:
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
-            logp_all = torch.log_softmax(logits[:, :-1].float() / self.cfg.temperature, dim=-1)
-            lp = F.pad(logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1), (1, 0))
-            where = entropy_mask[:, 1:].bool() if entropy_mask is not None else None
-            rows = logp_all.detach()[where] if where is not None else None
-        else:
-            inner = self.accelerator.unwrap_model(model)
-            where = need[:, 1:].bool()  # the logprob of token t comes from position t-1
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                hidden = inner.get_decoder()(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
-                logits = output_logits(inner, hidden[:, :-1][where])
-            logp = torch.log_softmax(logits.float() / self.cfg.temperature, dim=-1)
-            picked = logp.gather(-1, ids[:, 1:][where][:, None]).squeeze(-1)
-            lp = F.pad(torch.zeros(where.shape, dtype=picked.dtype, device=ids.device).masked_scatter(where, picked),
-                       (1, 0))
-            if entropy_mask is not None and not torch.equal(entropy_mask[:, 1:].bool(), where):
-                raise ValueError("entropy_mask must equal need")
-            rows = logp.detach() if entropy_mask is not None else None
+    def _score(self, net: SelectedLogits, at: tuple[Tensor, Tensor], targets: Tensor, out_at: tuple[Tensor, Tensor],
+               shape: Sequence[int], entropy: bool, **inputs: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The logprobs of `targets` under the logits at hidden positions `at`, put at `out_at` of a
+        zero tensor of `shape` (and their entropies likewise)."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            logits = net(at, **inputs)
+        logp = torch.log_softmax(logits.float() / self.cfg.temperature, dim=-1)
+        picked = logp.gather(-1, targets[:, None]).squeeze(-1)
+        lp = torch.zeros(tuple(shape), dtype=picked.dtype, device=self.device).index_put(out_at, picked)
         ent = None
-        if where is not None and rows is not None:
+        if entropy:
             with torch.no_grad():
-                ent = torch.zeros_like(lp)
-                ent[:, 1:][where] = -(rows.exp() * rows).sum(-1)
+                rows = logp.detach()
+                ent = torch.zeros_like(lp).index_put(out_at, -(rows.exp() * rows).sum(-1))
         return lp, ent
 
     def _ids(self, rows: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
@@ -276,24 +281,18 @@ class PolicyTrainer:
         return [([idx[j] for j in group], None)
                 for group in pack_micro_batches([len(r) for r in sub], self.cfg.micro_batch_tokens)]
 
-    def _run(self, model: torch.nn.Module, rows: Sequence[Sequence[int]], members: list[int], pack: Pack | None,
+    def _run(self, net: SelectedLogits, rows: Sequence[Sequence[int]], members: list[int], pack: Pack | None,
              need: Tensor | None = None, entropy: bool = False) -> tuple[Tensor, Tensor | None]:
         """[B, L] logprobs (and entropy) of `members`, padded like `_forward`'s."""
         if pack is None:
             ids, attn = self._ids([rows[i] for i in members])
-            return self._forward(model, ids, attn, entropy_mask=need if entropy else None, need=need)
-        return self._forward_packed(model, pack, rows, members, need, entropy)
+            return self._forward(net, ids, attn, need=need, entropy=entropy)
+        return self._forward_packed(net, pack, rows, members, need, entropy)
 
-    def _forward_packed(self, model: torch.nn.Module, pack: Pack, rows: Sequence[Sequence[int]], members: list[int],
+    def _forward_packed(self, net: SelectedLogits, pack: Pack, rows: Sequence[Sequence[int]], members: list[int],
                         need: Tensor | None, entropy: bool) -> tuple[Tensor, Tensor | None]:
         """`_forward` on a shared-prefix pack: one row, its own position ids and attention mask; the
         logprob of each member's token t comes from the packed position of its token t-1."""
-        inner = self.accelerator.unwrap_model(model)
-        ids = torch.tensor([pack.ids], device=self.device)
-        positions = torch.tensor([pack.positions], device=self.device)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            hidden = inner.get_decoder()(input_ids=ids, position_ids=positions, use_cache=False,
-                                         attention_mask=pack.attention_mask(self.device)).last_hidden_state[0]
         src, tgt, rows_at, cols_at = [], [], [], []
         for b, i in enumerate(members):
             index, row = pack.index[i], rows[i]
@@ -304,26 +303,25 @@ class PolicyTrainer:
                     tgt.append(row[t])
                     rows_at.append(b)
                     cols_at.append(t)
-        width = max(len(rows[i]) for i in members)
         as_index = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
-        at = (as_index(rows_at), as_index(cols_at))
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            logits = output_logits(inner, hidden[as_index(src)])
-        logp = torch.log_softmax(logits.float() / self.cfg.temperature, dim=-1)
-        picked = logp.gather(-1, as_index(tgt)[:, None]).squeeze(-1)
-        lp = torch.zeros(len(members), width, dtype=picked.dtype, device=self.device).index_put(at, picked)
-        ent = None
-        if entropy:
-            with torch.no_grad():
-                rows_lp = logp.detach()
-                ent = torch.zeros_like(lp).index_put(at, -(rows_lp.exp() * rows_lp).sum(-1))
-        return lp, ent
+        width = max(len(rows[i]) for i in members)
+        return self._score(net, (as_index([0] * len(src)), as_index(src)), as_index(tgt),
+                           (as_index(rows_at), as_index(cols_at)), (len(members), width), entropy,
+                           input_ids=as_index([pack.ids]), position_ids=as_index([pack.positions]),
+                           attention_mask=pack.attention_mask(self.device))
+
+    def _idle_micro_batch(self) -> None:
+        """What a sharded rank runs for each micro-batch its peers have and it has not: FSDP's weight
+        gathers and gradient reductions are collectives every rank must join (its gradient is zero)."""
+        ids = torch.full((1, 2), PAD_ID, device=self.device)
+        lp, _ = self._forward(self._net, ids, torch.ones_like(ids))
+        (lp.sum() * 0.0).backward()
 
     @torch.no_grad()
-    def _no_grad_logprobs(self, model: torch.nn.Module, rows: Sequence[Sequence[int]]) -> list[Tensor]:
+    def _no_grad_logprobs(self, net: SelectedLogits, rows: Sequence[Sequence[int]]) -> list[Tensor]:
         out: list[Tensor | None] = [None] * len(rows)
         for members, pack in self._micro_batches(rows, range(len(rows))):
-            lp, _ = self._run(model, rows, members, pack)
+            lp, _ = self._run(net, rows, members, pack)
             for j, i in enumerate(members):
                 out[i] = lp[j, : len(rows[i])].detach()
         return out  # type: ignore[return-value]
@@ -334,7 +332,7 @@ class PolicyTrainer:
             self._check_ids(r)
         with self._lock:
             self.model.eval()
-            return [t.float().cpu().tolist() for t in self._no_grad_logprobs(self.model, token_ids_batch)]
+            return [t.float().cpu().tolist() for t in self._no_grad_logprobs(self._net, token_ids_batch)]
 
     # ---------------------------------------------------------------- training
 
@@ -369,7 +367,7 @@ class PolicyTrainer:
             # later minibatches train on weights that earlier ones moved: their ratio needs the
             # logprobs from before the first update
             self.model.eval()
-            old_all = self._no_grad_logprobs(self.model, rows)
+            old_all = self._no_grad_logprobs(self._net, rows)  # every rank, every row: in step
 
         n = len(samples)
         # Filtering (zero-variance groups, truncation, masked samples) can leave fewer samples than
@@ -392,20 +390,23 @@ class PolicyTrainer:
                 continue
             self.model.train()
             mb_loss = 0.0
-            mine = share(rows, idx, world_size(), rank())  # all of idx with one process
-            for members, pack in self._micro_batches(rows, mine):
+            # Sharded ranks plan every rank's micro-batches (cheap, deterministic) to run as many.
+            plans = {r: self._micro_batches(rows, share(rows, idx, world_size(), r))
+                     for r in (range(world_size()) if self.sharded else [rank()])}
+            mine = plans[rank()]
+            for members, pack in mine:
                 mask = _pad([samples[i].loss_mask for i in members], 0, torch.float32, self.device)
                 gen = _pad([samples[i].gen_logprobs for i in members], 0.0, torch.float32, self.device)
                 adv = torch.tensor([samples[i].advantage for i in members], dtype=torch.float32, device=self.device)
-                lp, ent = self._run(self.model, rows, members, pack, need=mask, entropy=True)
+                lp, ent = self._run(self._net, rows, members, pack, need=mask, entropy=True)
                 if old_all is None:
                     old = lp.detach()  # one update per batch: exactly on-policy, ratio 1
                 else:
                     old = _pad([old_all[i].tolist() for i in members], 0.0, torch.float32, self.device)
                 ref = None
                 if cfg.loss.kl_beta > 0.0:
-                    with torch.no_grad(), self._reference() as ref_model:
-                        ref, _ = self._run(ref_model, rows, members, pack, need=mask)
+                    with torch.no_grad(), self._reference() as ref_net:
+                        ref, _ = self._run(ref_net, rows, members, pack, need=mask)
                 loss, metrics = policy_loss(
                     lp, old, gen, adv, mask, cfg.loss,
                     batch_tokens=batch_tokens, batch_sequences=batch_sequences,
@@ -418,10 +419,13 @@ class PolicyTrainer:
                 kept = torch.where(mask.bool(), old, 0.0).cpu()
                 for j, i in enumerate(members):
                     train_logprobs[i] = kept[j, : len(rows[i])].tolist()
-            sum_gradients(self._trained)
+            for _ in range(max(map(len, plans.values())) - len(mine)):
+                self._idle_micro_batch()
+            if not self.sharded:  # FSDP reduced them in backward
+                sum_gradients(self._trained)
             [mb_loss] = sum_floats([mb_loss])
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm else math.inf
-            norm = float(self.accelerator.clip_grad_norm_(self._trained, max_norm))
+            norm = float(full(torch.nn.utils.clip_grad_norm_(self._trained, max_norm)))
             if math.isfinite(norm):
                 self.optimizer.step()
                 self.scheduler.step()
@@ -455,13 +459,13 @@ class PolicyTrainer:
         )
 
     @contextlib.contextmanager
-    def _reference(self) -> Iterator[torch.nn.Module]:
+    def _reference(self) -> Iterator[SelectedLogits]:
         """The frozen reference policy for the KL term."""
-        if self.peft is None:
-            yield self.ref_model
+        if self._ref_net is not None:
+            yield self._ref_net
             return
         with self.peft.disable_adapter():
-            yield self.model
+            yield self._net
 
     # ---------------------------------------------------------------- weights
 
@@ -487,11 +491,12 @@ class PolicyTrainer:
         if self.peft is not None:
             raise ValueError("a LoRA trainer pushes its adapter (save_adapter), not full weights")
         with self._lock:
-            params = {name: p.detach() for name, p in self._unwrapped().named_parameters()}
+            # sharded: every rank gathers every weight (a collective: all ranks push together)
+            params = {name: full(p.detach()) for name, p in self.model.named_parameters()}
             try:  # transformers 5 renames some architectures' weights on load; undo that
                 from transformers.core_model_loading import revert_weight_conversion
 
-                params = revert_weight_conversion(self._unwrapped(), params)
+                params = revert_weight_conversion(self.model, params)
             except ImportError:
                 pass
             items = [(k, v if dtype is None else v.to(dtype)) for k, v in params.items()]
@@ -500,27 +505,30 @@ class PolicyTrainer:
     # ---------------------------------------------------------------- checkpoints
 
     def save_checkpoint(self, dir: Path) -> None:
-        """Model, optimizer, scheduler, step and RNG states; a crash mid-save leaves the old one."""
+        """Model, optimizer, scheduler, step and RNG states as full (unsharded) tensors, so that any
+        number of ranks resumes from it; a crash mid-save leaves the old one. Every rank calls it
+        (sharded ranks gather together); rank 0 writes."""
         dir = Path(dir)
         tmp = dir.with_name(dir.name + ".tmp")
         old = dir.with_name(dir.name + ".old")
         with self._lock:
+            weights = None if self.peft is not None else {  # LoRA: the adapter alone, the base never changes
+                k: full(v.detach()) for k, v in self.model.state_dict(keep_vars=True).items()
+                if k not in _tied_names(self.model)}
+            optimizer = self.optimizer.state_dict()
+            optimizer["state"] = {i: {k: full(v) for k, v in st.items()} for i, st in optimizer["state"].items()}
+            if rank() > 0:
+                return
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            if self.peft is not None:  # the adapter alone: the base weights never change
+            if weights is None:
                 save_adapter(self.peft, tmp)
             else:
                 # In-memory names (not the original checkpoint layout): load_checkpoint reads them
-                # back with load_state_dict, exactly, for every architecture.
-                self._unwrapped().save_pretrained(tmp, save_original_format=False)
-            torch.save(
-                {
-                    "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
-                    "step": self.step,
-                },
-                tmp / "trainer_state.pt",
-            )
+                # back exactly, for every architecture.
+                self.model.save_pretrained(tmp, state_dict=weights, save_original_format=False)
+            torch.save({"optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "step": self.step},
+                       tmp / "trainer_state.pt")
             torch.save(_rng_state(), tmp / "rng_state.pt")
         if dir.exists():
             shutil.rmtree(old, ignore_errors=True)
@@ -529,6 +537,7 @@ class PolicyTrainer:
         shutil.rmtree(old, ignore_errors=True)
 
     def load_checkpoint(self, dir: Path) -> None:
+        """A checkpoint of any number of ranks into this trainer (sharded ranks keep their shard)."""
         from safetensors.torch import load_file
 
         dir = Path(dir)
@@ -542,13 +551,21 @@ class PolicyTrainer:
                 state: dict[str, Tensor] = {}
                 for f in files:
                     state.update(load_file(f))
-                model = self._unwrapped()
-                missing, unexpected = model.load_state_dict(state, strict=False)
-                if unexpected or set(missing) - _tied_names(model):
-                    raise ValueError(f"checkpoint does not match the model: missing {missing}, "
-                                     f"unexpected {unexpected} (was it trained with model.lora set?)")
+                own = {k: v for k, v in self.model.state_dict(keep_vars=True).items()
+                       if k not in _tied_names(self.model)}
+                if own.keys() != state.keys():
+                    raise ValueError(f"checkpoint does not match the model: missing {sorted(own.keys() - state.keys())}, "
+                                     f"unexpected {sorted(state.keys() - own.keys())} (was it trained with model.lora set?)")
+                with torch.no_grad():
+                    for k, v in own.items():
+                        v.copy_(shard_like(state[k].to(v.dtype), v))
             trainer = torch.load(dir / "trainer_state.pt", map_location="cpu", weights_only=False)
             self.optimizer.load_state_dict(trainer["optimizer"])
+            for p in self._trained:  # full moments from the file: this rank keeps its shard
+                st = self.optimizer.state.get(p, {})
+                for k, v in st.items():
+                    if isinstance(v, Tensor) and v.dim() > 0:
+                        st[k] = shard_like(v, p)
             self.scheduler.load_state_dict(trainer["scheduler"])
             self.step = int(trainer["step"])
             _set_rng_state(torch.load(dir / "rng_state.pt", map_location="cpu", weights_only=False))
@@ -578,7 +595,7 @@ class PolicyTrainer:
         if self.device.type != "cuda":
             return
         with self._lock:
-            self._unwrapped().to(device)
+            self.model.to(device)
             if self.ref_model is not None:
                 self.ref_model.to(device)
             torch.cuda.synchronize()
@@ -601,14 +618,13 @@ class PolicyTrainer:
 
 
 def _tied_names(model: torch.nn.Module) -> set[str]:
-    """State-dict names that alias an earlier tensor (a tied lm_head): save_pretrained drops them."""
+    """State-dict names of a tensor an earlier name holds too (a tied lm_head): checkpoints leave them out."""
     seen: set[int] = set()
     tied: set[str] = set()
     for name, t in model.state_dict(keep_vars=True).items():
-        ptr = t.data_ptr()
-        if ptr in seen:
+        if id(t) in seen:
             tied.add(name)
-        seen.add(ptr)
+        seen.add(id(t))
     return tied
 
 

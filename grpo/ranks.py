@@ -1,12 +1,14 @@
 """Training across ranks (one per GPU; gloo ranks on CPU): which samples a rank trains on, and the
 collectives that make N ranks take exactly the step one process takes on the whole batch.
 
-Every rank holds the whole model and optimizer (replicated) and every sample of the step; it runs
-forward and backward on its share only (groups kept whole, balanced by packed tokens). The loss is
-normalised over the whole minibatch on every rank, so the sum of the ranks' gradients is the
-one-process gradient: gradients are summed across ranks before clipping, and every rank then takes
-the same optimizer step. Weights stay identical on every rank, so each pushes its own into its own
-engine and any rank's checkpoint is the run's.
+Every rank holds every sample of the step and runs forward and backward on its share only (groups
+kept whole, balanced by packed tokens). The loss is normalised over the whole minibatch on every
+rank, so the sum of the ranks' gradients is the one-process gradient. The weights, gradients and
+Adam's moments are sharded over the ranks with FSDP2 (`shard`): each decoder layer's weights are
+gathered for its forward and backward, and its gradients reduce-scattered (summed) after. LoRA
+adapters are replicated instead and their gradients summed (`sum_gradients`). Every rank gathers
+the full weights to push into its own engine; checkpoints hold full tensors (`full`), so any
+number of ranks resumes from one (`shard_like`).
 
 With one process (no process group) every function here is the identity.
 """
@@ -33,6 +35,38 @@ def init() -> int:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if gpu else "gloo")
     return world_size()
+
+
+def shard(root: torch.nn.Module, blocks: Sequence[torch.nn.Module]) -> None:
+    """FSDP2 over every rank: each of `blocks` (the decoder layers) a unit of its own, the rest of
+    `root` (embeddings, final norm, LM head) the root unit. Gradients are summed, not averaged."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (world_size(),))
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(root, mesh=mesh)
+    for unit in [*blocks, root]:
+        unit.set_gradient_divide_factor(1.0)  # type: ignore[operator]
+        unit.set_force_sum_reduction_for_comms(True)  # type: ignore[operator]  # a plain SUM: gloo has no PREMUL_SUM
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded one (a collective: every rank calls it in the same order)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def shard_like(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`whole` laid out as `like`: this rank's shard of it where `like` is sharded (no communication:
+    every rank holds `whole`), else `whole` itself."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(like, DTensor):
+        return whole
+    return distribute_tensor(whole.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
 
 
 def world_size() -> int:

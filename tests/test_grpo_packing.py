@@ -71,7 +71,7 @@ def test_a_packed_training_step_equals_the_unpacked_one(tiny_model, samples):
     results = []
     for packed in (True, False):
         trainer = _trainer(tiny_model, packed)
-        model = trainer._unwrapped()
+        model = trainer.model
         grads: dict[str, torch.Tensor] = {}
         torch_optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
         torch_optimizer.register_step_pre_hook(

@@ -25,9 +25,9 @@ def test_ranks_share_a_batch_by_whole_groups_balanced_by_packed_tokens():
     assert share(rows, [0, 1], 1, 0) == [0, 1]
 
 
-def run_step(tmp: Path, model: str, ranks: int, minibatches: int = 1) -> dict:
-    out = tmp / f"step-{ranks}-{minibatches}.json"
-    env = {**os.environ, "MINIBATCHES": str(minibatches), "OMP_NUM_THREADS": "1"}
+def run_step(tmp: Path, model: str, ranks: int, minibatches: int = 1, resume: Path | None = None) -> dict:
+    out = tmp / f"step-{ranks}-{minibatches}{'-resumed' if resume else ''}.json"
+    env = {**os.environ, "MINIBATCHES": str(minibatches), "OMP_NUM_THREADS": "1", "RESUME_FROM": str(resume or "")}
     launcher = [sys.executable, str(SCRIPT)] if ranks == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks), str(SCRIPT)]
     p = subprocess.run(launcher + [model, str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -35,23 +35,40 @@ def run_step(tmp: Path, model: str, ranks: int, minibatches: int = 1) -> dict:
     return json.loads(out.read_text())
 
 
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k, v in b.items():
+        assert a[k] == pytest.approx(v, rel=1e-5, abs=1e-5), k  # fp32 over millions of elements
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("minibatches", [1, 2])
-def test_two_gloo_ranks_take_the_one_process_step(tiny_model, tmp_path, minibatches):
+def test_two_sharded_gloo_ranks_take_the_one_process_steps(tiny_model, tmp_path, minibatches):
     one = run_step(tmp_path, tiny_model, 1, minibatches)
     two = run_step(tmp_path, tiny_model, 2, minibatches)
-    assert (one["world"], two["world"]) == (1, 2)
+    assert (one["world"], two["world"], one["sharded"], two["sharded"]) == (1, 2, False, True)
+    assert one["held"] == one["total"] == two["total"]
+    assert two["held"] < 0.55 * two["total"]  # rank 0 holds its half of the weights (FSDP2)
     assert two["tokens"] == one["tokens"]
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-5, abs=1e-6)  # fp32, other summation order
     assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5)
     assert two["entropy"] == pytest.approx(one["entropy"], rel=1e-5)
     for a, b in zip(two["train_logprobs"], one["train_logprobs"]):
         assert a == pytest.approx(b, abs=1e-5)
-    assert two["weights"].keys() == one["weights"].keys()
-    for k, v in one["weights"].items():
-        assert two["weights"][k] == pytest.approx(v, rel=1e-5, abs=1e-5), k  # fp32 over millions of elements
+    assert_same_weights(two["weights"], one["weights"])
+    assert_same_weights(two["weights_2"], one["weights_2"])  # Adam's sharded moments carried step 1 over
     moved = [k for k, v in one["weights"].items() if v != pytest.approx(one["weights_before"][k], abs=1e-4)]
     assert len(moved) == len(one["weights"])  # the step moved every tensor: the comparison is not vacuous
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_one_process_resumes_on_two_sharded_ranks_and_back(tiny_model, tmp_path):
+    one = run_step(tmp_path, tiny_model, 1)
+    two = run_step(tmp_path, tiny_model, 2)
+    grown = run_step(tmp_path, tiny_model, 2, resume=tmp_path / "step-1-1.ckpt")
+    shrunk = run_step(tmp_path, tiny_model, 1, resume=tmp_path / "step-2-1.ckpt")
+    assert_same_weights(grown["weights_2"], one["weights_2"])
+    assert_same_weights(shrunk["weights_2"], two["weights_2"])
 
 
 def torchrun_trainer(tiny_model: str, runs: Path, name: str, *extra: str) -> list[str]:

@@ -38,26 +38,35 @@ def fingerprints(trainer) -> dict[str, list[float]]:
 
 
 def main() -> None:
+    """Step 1, a checkpoint, step 2; or with RESUME_FROM (a checkpoint of any number of ranks) only
+    step 2 from it."""
     import torch
 
     from grpo import ranks
     from grpo.policy import PolicyTrainer, TrainerConfig
 
-    model, out = sys.argv[1], sys.argv[2]
+    model, out = sys.argv[1], Path(sys.argv[2])
     ranks.init()
     torch.set_num_threads(1)
     # adam_eps = 1: the update is ~lr * gradient, so the weights compare the summed gradients (with
     # a tiny eps Adam's first step is lr * sign(g), which flips on 1e-9 noise in near-zero gradients)
     cfg = TrainerConfig(lr=0.1, adam_eps=1.0, num_minibatches=int(os.environ.get("MINIBATCHES", "1")))
     trainer = PolicyTrainer(model, cfg, seed=0)
-    before = fingerprints(trainer)
-    stats = trainer.train_step(samples(model))
-    weights = fingerprints(trainer)
+    result = {"world": ranks.world_size(), "sharded": trainer.sharded,
+              "held": sum(getattr(p, "_local_tensor", p).numel() for p in trainer.model.parameters()),
+              "total": sum(ranks.full(p.detach()).numel() for p in trainer.model.parameters())}
+    if os.environ.get("RESUME_FROM"):
+        trainer.load_checkpoint(Path(os.environ["RESUME_FROM"]))
+    else:
+        result["weights_before"] = fingerprints(trainer)
+        stats = trainer.train_step(samples(model))
+        result.update(loss=stats.loss, grad_norm=stats.grad_norm, tokens=stats.num_model_tokens, entropy=stats.entropy,
+                      train_logprobs=stats.train_logprobs, weights=fingerprints(trainer))
+        trainer.save_checkpoint(out.with_suffix(".ckpt"))
+    trainer.train_step(samples(model))  # moves by Adam's moments from step 1 too
+    result["weights_2"] = fingerprints(trainer)
     if ranks.rank() == 0:
-        Path(out).write_text(json.dumps({"world": ranks.world_size(), "loss": stats.loss, "grad_norm": stats.grad_norm,
-                                         "tokens": stats.num_model_tokens, "entropy": stats.entropy,
-                                         "train_logprobs": stats.train_logprobs, "weights": weights,
-                                         "weights_before": before}))
+        out.write_text(json.dumps(result))
     if ranks.world_size() > 1:
         torch.distributed.destroy_process_group()
 
