@@ -78,12 +78,22 @@ def torchrun_trainer(tiny_model: str, runs: Path, name: str, *extra: str) -> lis
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] + cmd[1:]
 
 
+def accelerate_trainer(tiny_model: str, runs: Path, name: str, *extra: str) -> list[str]:
+    """`accelerate launch` as users type it on a GPU box (its --multi_gpu launcher is torchrun's; on
+    this CPU machine the ranks join over gloo)."""
+    from tests.conftest import trainer_cmd
+
+    cmd = trainer_cmd(tiny_model, runs, name, *extra)
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--main_process_port", "0"] + cmd[1:]
+
+
 @pytest.mark.slow
-def test_two_ranks_train_with_an_engine_and_endpoint_each_that_gym_uses_both(tiny_model, tmp_path):
+def test_two_ranks_under_accelerate_launch_train_with_an_engine_and_endpoint_each_that_gym_uses_both(tiny_model, tmp_path):
     import sqlite3
 
     # a big learning rate: an engine that missed step 1's push would sample step 2 from other weights
-    cmd = torchrun_trainer(tiny_model, tmp_path, "two", "--set", "grpo.steps=2", "--set", "grpo.rows_per_step=4",
+    cmd = accelerate_trainer(tiny_model, tmp_path, "two", "--set", "grpo.steps=2", "--set", "grpo.rows_per_step=4",
                            "--set", "grpo.lr=1e-3")
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
