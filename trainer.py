@@ -63,16 +63,20 @@ def overrides(pairs: list[str]) -> dict:
 async def start_engine(cfg: Config, rank: int, world: int):
     from engine.engine import Engine, EngineConfig
     from engine.models import resolve_model
+    from engine.tp import Mirror
 
     path = resolve_model(cfg.model.name)
+    tp = cfg.engine.tensor_parallel_size
+    mirror = Mirror(world, tp, rank) if tp > 1 else None
+    # the members of a tensor-parallel group sample together: one seed per group
     engine = Engine(EngineConfig(model=path, max_model_len=cfg.model.max_model_len, dtype=cfg.model.dtype,
-                                 seed=cfg.run.seed + rank, max_num_seqs=cfg.engine.max_num_seqs,
-                                 external_launcher=world > 1,
+                                 seed=cfg.run.seed + rank // tp, max_num_seqs=cfg.engine.max_num_seqs,
+                                 external_launcher=world > 1, tensor_parallel_size=tp,
                                  gpu_memory_utilization=cfg.engine.gpu_memory_utilization,
                                  cpu_kv_cache_gib=cfg.engine.cpu_kv_cache_gib,
                                  enforce_eager=cfg.engine.enforce_eager,
                                  max_num_batched_tokens=cfg.engine.max_num_batched_tokens,
-                                 max_lora_rank=cfg.model.lora.r if cfg.model.lora else None))
+                                 max_lora_rank=cfg.model.lora.r if cfg.model.lora else None), mirror)
     return await engine.start(), path
 
 
@@ -107,6 +111,11 @@ async def main(cfg: Config, args: argparse.Namespace) -> int:
     from gym.servers import GymServers
 
     world, rank = ranks.world_size(), ranks.rank()
+    if world % cfg.engine.tensor_parallel_size:
+        print(f"error: engine.tensor_parallel_size {cfg.engine.tensor_parallel_size} must divide the number of "
+              f"ranks ({world})", file=sys.stderr)
+        return 2
+    serves = rank % cfg.engine.tensor_parallel_size == 0  # a tensor-parallel group's first rank serves it
     run_dir = cfg.run_dir.resolve()
     training = not (args.serve or args.eval)
     if training and not args.resume and latest_checkpoint(run_dir) is not None:
@@ -130,15 +139,17 @@ async def main(cfg: Config, args: argparse.Namespace) -> int:
     routes = policy_routes(engine, server_cfg)
     if rank == 0:
         routes += dashboard_routes(Path(cfg.run.dir), gym_status=gym.status, token=cfg.server.dashboard_token)
-    port = cfg.server.port + rank if cfg.server.port else 0  # every rank its own endpoint
-    http = await HTTPServer.start(Starlette(routes=routes), cfg.server.host, port)
-    base = f"http://127.0.0.1:{http.port}"
-    endpoints = gather_endpoints(f"{base}/v1") if world > 1 else [f"{base}/v1"]
-    print(f"policy endpoint {base}/v1" + (f"   dashboard {base}/" if rank == 0 else f"   (rank {rank})"), flush=True)
+    port = cfg.server.port + rank if cfg.server.port else 0  # every serving rank its own endpoint
+    http = await HTTPServer.start(Starlette(routes=routes), cfg.server.host, port) if serves else None
+    base = f"http://127.0.0.1:{http.port}" if http else None
+    endpoints = gather_endpoints(f"{base}/v1" if base else None) if world > 1 else [f"{base}/v1"]
+    if http:
+        print(f"policy endpoint {base}/v1" + (f"   dashboard {base}/" if rank == 0 else f"   (rank {rank})"),
+              flush=True)
     store = None
     status = "failed"  # unless the run completes; a cancelled (Ctrl-C) run says "interrupted"
     try:
-        if rank > 0:  # a follower: its endpoint serves Gym; it sleeps, trains and pushes when rank 0 says
+        if rank > 0:  # a follower: its endpoint (if it serves) serves Gym; it sleeps, trains, pushes when rank 0 says
             from grpo.policy import PolicyTrainer
 
             policy = await asyncio.to_thread(PolicyTrainer, model_path, trainer_config(cfg), cfg.run.seed) \
@@ -148,7 +159,7 @@ async def main(cfg: Config, args: argparse.Namespace) -> int:
             return 0
         if args.serve:
             await asyncio.Event().wait()
-        await gym.start(endpoints if world > 1 else endpoints[0], cfg.server.model_name, cfg.server.api_key,
+        await gym.start(endpoints if len(endpoints) > 1 else endpoints[0], cfg.server.model_name, cfg.server.api_key,
                         run_dir / "gym")
         timeout = aiohttp.ClientTimeout(total=None)
         async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
@@ -197,7 +208,8 @@ async def main(cfg: Config, args: argparse.Namespace) -> int:
         if store is not None:  # first: the awaits below may be cancelled again by a second Ctrl-C
             store.finish_run(status)
         await gym.stop()
-        await http.stop()
+        if http:
+            await http.stop()
         await engine.shutdown()
         if world > 1:
             from grpo.loop import peak_memory_gib

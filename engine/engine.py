@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from engine.tp import Mirror, step_digest
+
 log = logging.getLogger("engine")
 
 # Must be set before vLLM (and torch) are imported anywhere in the process: in-process engine, and
@@ -50,6 +52,7 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None   # None: vLLM's default for the platform
     max_lora_rank: int | None = None     # set: serve LoRA adapters of up to this rank (load_adapter)
     external_launcher: bool = False      # one engine per torchrun rank, on the ranks' process group
+    tensor_parallel_size: int = 1        # with external_launcher: ranks sharing one model (engine/tp.py)
 
 
 @dataclass
@@ -122,8 +125,11 @@ class Engine:
         await engine.update_weights(trainer.named_weights())
     """
 
-    def __init__(self, cfg: EngineConfig) -> None:
+    def __init__(self, cfg: EngineConfig, mirror: Mirror | None = None) -> None:
         self.cfg = cfg
+        self.mirror = mirror  # a tensor-parallel group's channel (engine/tp.py); None: the engine is alone
+        self._mirrored: set[str] = set()  # a group member's requests in flight (it has no streams)
+        self._digest = 0  # of the last step's sampled tokens (engine/tp.step_digest)
         self._cmds: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._ids = itertools.count()
@@ -166,9 +172,10 @@ class Engine:
         if self.cfg.max_num_batched_tokens is not None:
             extra["max_num_batched_tokens"] = self.cfg.max_num_batched_tokens
         if self.cfg.external_launcher:
-            # each rank's engine is its own (tensor_parallel_size 1), built on the process group the
+            # each rank's engine (or each group's: tensor_parallel_size > 1) on the process group the
             # trainer's ranks already joined (grpo/ranks.py), on the rank's own device
-            extra["distributed_executor_backend"] = "external_launcher"
+            extra.update(distributed_executor_backend="external_launcher",
+                         tensor_parallel_size=self.cfg.tensor_parallel_size)
         if self.cfg.max_lora_rank is not None:
             # one adapter at a time: a push replaces it while no request runs (the engine sleeps)
             extra.update(enable_lora=True, max_lora_rank=self.cfg.max_lora_rank, max_loras=1, max_cpu_loras=1)
@@ -204,26 +211,73 @@ class Engine:
             log.exception("engine thread died")
             for rid in list(self._streams):
                 self._push(rid, e)
+            while not self._cmds.empty():  # calls waiting for this thread would wait forever
+                kind, payload = self._cmds.get_nowait()
+                if kind == "call":
+                    fn, fut, loop, _ = payload
+                    loop.call_soon_threadsafe(_settle, fut, EngineDead(f"engine thread died: {e!r}"), None)
 
     def _serve(self) -> None:
+        if self.mirror is not None and not self.mirror.leader:
+            return self._follow_leader()
         engine = self._llm.llm_engine
         while True:
             busy = engine.has_unfinished_requests()
             try:
-                cmd = self._cmds.get(block=not busy)
+                cmds = [self._cmds.get(block=not busy)]
             except queue.Empty:
-                cmd = None
-            while cmd is not None:
+                cmds = []
+            while True:
+                try:
+                    cmds.append(self._cmds.get_nowait())
+                except queue.Empty:
+                    break
+            if self.mirror is not None:  # the group's other members do the same, in this order
+                self.mirror.send([_described(c) for c in cmds if c[0] != "call" or c[1][3]], self._digest)
+            for cmd in cmds:
                 if cmd[0] == "stop":
                     return
                 self._execute(*cmd)
-                try:
-                    cmd = self._cmds.get_nowait()
-                except queue.Empty:
-                    cmd = None
             if engine.has_unfinished_requests():
-                for out in engine.step():
+                outs = engine.step()
+                self._digest = step_digest(outs)
+                for out in outs:
                     self._deliver(out)
+
+    def _follow_leader(self) -> None:
+        """A tensor-parallel member's engine thread: the leader's requests and aborts as sent, its
+        lifecycle calls matched to this rank's own (its conductor makes the same ones), its steps."""
+        engine = self._llm.llm_engine
+        while True:
+            cmds, digest = self.mirror.receive()  # type: ignore[union-attr]
+            if digest != self._digest:
+                raise RuntimeError(f"tensor-parallel ranks {self.mirror.ranks} sampled different tokens "  # type: ignore[union-attr]
+                                   "(their engines diverged): stopping")
+            for kind, payload in cmds:
+                if kind == "stop":
+                    return
+                if kind == "call":
+                    self._execute(*self._own_call(payload))
+                    continue
+                if kind == "add":
+                    self._mirrored.add(payload[0])
+                elif kind == "abort":
+                    self._mirrored.discard(payload)
+                self._execute(kind, payload)
+            if engine.has_unfinished_requests():
+                outs = engine.step()
+                self._digest = step_digest(outs)
+                self._mirrored -= {out.request_id for out in outs if out.finished}
+
+    def _own_call(self, name: str) -> tuple[str, Any]:
+        while True:
+            cmd = self._cmds.get()
+            if cmd[0] == "call" and cmd[1][3] == name:
+                return cmd
+            if cmd[0] == "stop":
+                raise EngineDead(f"stopped while the group's leader ran {name!r}")
+            if cmd[0] == "call":  # a call the leader did not make (a state query): answer it here
+                self._execute(*cmd)
 
     def _execute(self, kind: str, payload: Any) -> None:
         if kind == "add":
@@ -242,7 +296,7 @@ class Engine:
         if kind == "abort":
             self._llm.llm_engine.abort_request([payload])
             return
-        fn, fut, loop = payload  # "call": run fn(llm) on this thread, settle fut on its loop
+        fn, fut, loop, _ = payload  # "call": run fn(llm) on this thread, settle fut on its loop
         try:
             result, err = fn(self._llm), None
         except Exception as e:
@@ -267,11 +321,13 @@ class Engine:
             self._streams.pop(rid, None)
         loop.call_soon_threadsafe(q.put_nowait, item)
 
-    async def _call(self, fn: Callable[[Any], Any]) -> Any:
+    async def _call(self, fn: Callable[[Any], Any], mirrored: str | None = None) -> Any:
+        """Run fn(llm) on the engine thread. `mirrored` names a call every member of a tensor-parallel
+        group makes at the same point (it touches the model); None: this engine's alone (a query)."""
         self.check_alive()
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._cmds.put(("call", (fn, fut, loop)))
+        self._cmds.put(("call", (fn, fut, loop, mirrored)))
         return await fut
 
     def check_alive(self) -> None:
@@ -366,26 +422,27 @@ class Engine:
         streams would never end and the engine thread would spin: they are aborted here first and
         their streams raise EngineAsleep.
         """
-        return await self._call(self._sleep)
+        return await self._call(self._sleep, "sleep")
 
     async def wake(self, tags: Iterable[str] = SLEEP_TAGS) -> None:
         """Wake the given memory pools (both by default); generation needs both."""
         wanted = set(tags)
         if not wanted <= set(SLEEP_TAGS):
             raise ValueError(f"unknown sleep tags {sorted(wanted - set(SLEEP_TAGS))}; known: {SLEEP_TAGS}")
-        await self._call(lambda llm: self._wake(llm, wanted))
+        await self._call(lambda llm: self._wake(llm, wanted), "wake")
 
     async def vllm_state(self) -> VLLMState:
         return await self._call(lambda llm: VLLMState(llm.llm_engine.is_sleeping(),
                                                       llm.llm_engine.has_unfinished_requests()))
 
     def _sleep(self, llm: Any) -> int:
-        rids = list(self._streams)
+        rids = list(self._streams) + sorted(self._mirrored)
         if rids:
             self._record(f"abort:{len(rids)}")
             llm.llm_engine.abort_request(rids)
             for rid in rids:
                 self._push(rid, EngineAsleep("the engine went to sleep for a training step; retry after it"))
+        self._mirrored.clear()
         self.aborted_at_sleep += len(rids)
         if not self.asleep_tags:
             self._record("sleep")
@@ -431,7 +488,7 @@ class Engine:
             self._record("reset_prefix_cache")
             llm.reset_prefix_cache()
 
-        await self._call(push)
+        await self._call(push, "push")
         self.weight_version += 1
         return time.perf_counter() - t0
 
@@ -458,9 +515,14 @@ class Engine:
             self._record("reset_prefix_cache")
             llm.reset_prefix_cache()
 
-        await self._call(push)
+        await self._call(push, "push")
         self.weight_version = version
         return time.perf_counter() - t0
+
+
+def _described(cmd: tuple[str, Any]) -> tuple[str, Any]:
+    """A command as a tensor-parallel member can receive it: calls (closures) by their name."""
+    return ("call", cmd[1][3]) if cmd[0] == "call" else cmd
 
 
 def _reload_weights(worker: Any, tensors: list[tuple[str, Any]]) -> bool:

@@ -42,11 +42,12 @@ def hear() -> tuple[Any, ...]:
     return box[0]
 
 
-def gather_endpoints(url: str) -> list[str]:
-    """Every rank's endpoint, in rank order (each rank passes its own)."""
+def gather_endpoints(url: str | None) -> list[str]:
+    """Every serving rank's endpoint, in rank order (each rank passes its own; None: it serves none,
+    a tensor-parallel group's other members)."""
     urls: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(urls, url)
-    return urls
+    return [u for u in urls if u]
 
 
 class LeaderEngine:

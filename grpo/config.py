@@ -45,6 +45,9 @@ class EngineSection(_Section):
     cpu_kv_cache_gib: int = Field(default=2, ge=1)
     enforce_eager: bool | None = None          # None: eager on CPU, CUDA graphs + compile on GPU
     max_num_batched_tokens: int | None = Field(default=None, ge=16)   # None: vLLM's default
+    # ranks that shard one model's engine (a model too big for one GPU); must divide the number of
+    # ranks; only each group's first rank serves an endpoint (engine/tp.py)
+    tensor_parallel_size: int = Field(default=1, ge=1)
 
 
 class ServerSection(_Section):

@@ -163,3 +163,63 @@ def test_a_two_rank_run_resumes_in_one_process_from_its_checkpoint(tiny_model, t
         rows = db.execute("SELECT step, token_mult_prob_error FROM steps ORDER BY step").fetchall()
     assert [s for s, _ in rows] == [1, 2, 3]
     assert abs(rows[-1][1] - 1.0) < 1e-3  # step 3 sampled from the 2-rank checkpoint's weights
+
+
+TP_SCRIPT = ROOT / "tests" / "ranks" / "tp_generate.py"
+
+
+def run_tp(tmp: Path, model: str, ranks: int, **env: str) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, str(TP_SCRIPT)] if ranks == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks), str(TP_SCRIPT)]
+    return subprocess.run(launcher + [model, str(tmp / f"tp-{ranks}.json")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+
+
+@pytest.mark.slow
+def test_a_tensor_parallel_engine_over_two_ranks_generates_the_one_process_ids_before_and_after_a_push(
+        tiny_model, tmp_path):
+    # the tiny model has 4 query and 4 KV heads: vLLM splits them over 2 ranks
+    for ranks in (1, 2):
+        p = run_tp(tmp_path, tiny_model, ranks)
+        assert p.returncode == 0, p.stderr[-4000:]
+    one, two = (json.loads((tmp_path / f"tp-{r}.json").read_text()) for r in (1, 2))
+    assert two["world"] == 2
+    assert two["before"] == one["before"]
+    assert two["after"] == one["after"]
+    assert two["after"] != two["before"]  # the push reached both shards of the model
+    assert two["lifecycle"] == ["sleep", "wake_up:weights", "reload_weights", "reset_prefix_cache", "wake_up:kv_cache"]
+
+
+@pytest.mark.slow
+def test_a_tensor_parallel_member_that_samples_other_tokens_stops_the_run_with_an_error(tiny_model, tmp_path):
+    p = run_tp(tmp_path, tiny_model, 2, SEED_OF_RANK_1="7", TEMPERATURE="1")
+    assert p.returncode != 0
+    assert "tensor-parallel ranks [0, 1] sampled different tokens" in p.stderr
+
+
+@pytest.mark.slow
+def test_two_ranks_train_with_one_tensor_parallel_engine_served_by_rank_0(tiny_model, tmp_path):
+    import sqlite3
+
+    cmd = torchrun_trainer(tiny_model, tmp_path, "tp", "--set", "grpo.steps=2", "--set", "grpo.rows_per_step=4",
+                           "--set", "grpo.lr=1e-3", "--set", "engine.tensor_parallel_size=2")
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, (p.stdout + p.stderr)[-5000:]
+    served = {int(r): int(n) for r, n in re_findall(r"rank (\d): served (\d+) generations", p.stdout)}
+    assert served[0] > 0 and served[1] == 0  # rank 1 holds half the model and no endpoint
+    assert p.stdout.count("policy endpoint") == 1
+    with sqlite3.connect(tmp_path / "tp" / "rollouts.db") as db:
+        rows = db.execute("SELECT step, token_mult_prob_error FROM steps ORDER BY step").fetchall()
+    assert [s for s, _ in rows] == [1, 2]
+    assert all(abs(e - 1.0) < 1e-3 for _, e in rows)  # both shards got step 1's weights
+
+
+def test_a_tensor_parallel_size_that_does_not_divide_the_ranks_is_refused(tiny_model, tmp_path):
+    from tests.conftest import trainer_cmd
+
+    p = subprocess.run(trainer_cmd(tiny_model, tmp_path, "bad", "--set", "engine.tensor_parallel_size=2"),
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2
+    assert "engine.tensor_parallel_size 2 must divide the number of ranks (1)" in p.stderr
+    assert not (tmp_path / "bad").exists()  # refused before anything started
