@@ -115,6 +115,10 @@ async def main(cfg: Config, args: argparse.Namespace) -> int:
         print(f"error: engine.tensor_parallel_size {cfg.engine.tensor_parallel_size} must divide the number of "
               f"ranks ({world})", file=sys.stderr)
         return 2
+    if world > 1 and cfg.grpo.offload_params and cfg.model.lora is None:
+        print("error: grpo.offload_params is for one GPU: with several ranks FSDP already shards the weights",
+              file=sys.stderr)
+        return 2
     serves = rank % cfg.engine.tensor_parallel_size == 0  # a tensor-parallel group's first rank serves it
     run_dir = cfg.run_dir.resolve()
     training = not (args.serve or args.eval)

@@ -31,7 +31,7 @@ from torch import Tensor
 from grpo.lora import LoraSettings, load_adapter_state, save_adapter, with_lora
 from grpo.loss import METRIC_KEYS, LossConfig, policy_loss
 from grpo.packing import Pack, build_pack, plan_packs
-from grpo.ranks import full, merge_lists, rank, shard, share, shard_like, sum_floats, sum_gradients, world_size
+from grpo.ranks import full, merge_lists, moved, rank, shard, share, shard_like, sum_floats, sum_gradients, world_size
 
 PAD_ID = 0  # any valid id: padded positions are masked out of attention and of the loss
 
@@ -611,7 +611,7 @@ class PolicyTrainer:
                 for k, v in state.items():
                     # Adam's `step` counter lives on CPU unless fused/capturable: leave it there
                     if isinstance(v, Tensor) and v.dim() > 0:
-                        state[k] = v.to(device, non_blocking=True)
+                        state[k] = moved(v, device)
             torch.cuda.synchronize()
             if device.type == "cpu":
                 torch.cuda.empty_cache()

@@ -69,6 +69,16 @@ def shard_like(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(whole.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
 
 
+def moved(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device`; a shard stays a shard (only its local part moves: no communication)."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(t, DTensor):
+        return t.to(device, non_blocking=True)
+    return DTensor.from_local(t.to_local().to(device, non_blocking=True), t.device_mesh, t.placements,
+                              run_check=False, shape=t.shape, stride=t.stride())
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
