@@ -47,7 +47,7 @@ class EngineConfig:
     seed: int = 0
     max_num_seqs: int = 64
     gpu_memory_utilization: float = 0.5  # GPU: leave room for the colocated trainer
-    cpu_kv_cache_gib: int = 2            # CPU: VLLM_CPU_KVCACHE_SPACE (whole GiB)
+    cpu_kv_cache_gib: float = 2.0        # CPU: the KV cache's size (vLLM's kv_cache_memory_bytes)
     enforce_eager: bool | None = None    # None: eager on CPU (required), CUDA graphs + compile on GPU
     max_num_batched_tokens: int | None = None   # None: vLLM's default for the platform
     max_lora_rank: int | None = None     # set: serve LoRA adapters of up to this rank (load_adapter)
@@ -163,7 +163,8 @@ class Engine:
     def _make_llm(self) -> Any:
         gpu = on_gpu()
         if not gpu:
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.cfg.cpu_kv_cache_gib))
+            # vLLM's legacy variable (whole GiB) would override the size given below
+            os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
         from vllm import LLM
 
         dtype = self.cfg.dtype if self.cfg.dtype != "auto" else ("bfloat16" if gpu else "float32")
@@ -181,6 +182,8 @@ class Engine:
             extra.update(enable_lora=True, max_lora_rank=self.cfg.max_lora_rank, max_loras=1, max_cpu_loras=1)
         if gpu:
             extra.update(enable_sleep_mode=True, gpu_memory_utilization=self.cfg.gpu_memory_utilization)
+        else:
+            extra["kv_cache_memory_bytes"] = int(self.cfg.cpu_kv_cache_gib * 2**30)
         return LLM(
             model=self.cfg.model,
             dtype=dtype,

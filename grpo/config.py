@@ -42,7 +42,7 @@ class ModelSection(_Section):
 class EngineSection(_Section):
     max_num_seqs: int = Field(default=64, ge=1)
     gpu_memory_utilization: float = Field(default=0.5, gt=0, le=1)
-    cpu_kv_cache_gib: int = Field(default=2, ge=1)
+    cpu_kv_cache_gib: float = Field(default=2.0, gt=0)   # CPU: KV cache size, allocated whole at start
     enforce_eager: bool | None = None          # None: eager on CPU, CUDA graphs + compile on GPU
     max_num_batched_tokens: int | None = Field(default=None, ge=16)   # None: vLLM's default
     # ranks that shard one model's engine (a model too big for one GPU); must divide the number of

@@ -87,6 +87,7 @@ def test_config_errors_exit_2_naming_the_key(tmp_path):
         ([str(ROOT / "config.yaml"), "--set", "grpo.max_tokens=5000"], "max_tokens"),
         ([str(tmp_path / "missing.yaml")], "does not exist"),
         ([str(ROOT / "config.yaml"), "--set", "model.lora.rank=8"], "model.lora.rank"),
+        ([str(ROOT / "config.yaml"), "--set", "engine.cpu_kv_cache_gib=0"], "engine.cpu_kv_cache_gib"),
         ([str(ROOT / "config.yaml"), "--set", f"run.dir={tmp_path}", "--export", str(tmp_path / "m")],
          "has no checkpoint to export"),
     ]
