@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.tree_memory import run_measured  # noqa: E402
 from store import metrics as M  # noqa: E402
 
 PARTS = M.STEP_TIME_PARTS
@@ -29,11 +29,12 @@ PARTS = M.STEP_TIME_PARTS
 def report(db: Path) -> None:
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as c:
         cols = (f"count(*), avg({M.TIME_STEP_S}), " + ", ".join(f"avg({p})" for p in PARTS)
-                + f", avg({M.TOKENS_PER_S}), max({M.LOOP_LAG_P99_MS}), max({M.TOKEN_MULT_PROB_ERROR})")
+                + f", avg({M.TOKENS_PER_S}), max({M.LOOP_LAG_P99_MS}), max({M.TOKEN_MULT_PROB_ERROR})"
+                + f", max({M.PEAK_MEMORY_GIB})")
         row = c.execute(f"SELECT {cols} FROM steps WHERE step > 1").fetchone()
         if not row[0]:  # a one-step run: keep its only (warm-up) step
             row = c.execute(f"SELECT {cols} FROM steps").fetchone()
-    n, total, *parts, tps, lag, tmpe = row
+    n, total, *parts, tps, lag, tmpe, peak = row
     print(f"steps measured       : {n} (first step excluded as warm-up when there are more)")
     print(f"step time            : {total:7.2f} s")
     for name, sec in zip(PARTS, parts):
@@ -41,6 +42,7 @@ def report(db: Path) -> None:
     print(f"generation tokens/s  : {tps:7.1f}")
     print(f"event-loop lag p99   : {lag:7.1f} ms (max over steps; goal < 100)")
     print(f"token_mult_prob_error: {tmpe:7.4f} (max over steps; goal < 1.05)")
+    print(f"peak memory, trainer : {peak:7.2f} GiB (its process: engine and trainer)")
 
 
 def main() -> None:
@@ -65,7 +67,8 @@ def run_steps(steps: int, config: str, sets: list[str]) -> Path:
            "--set", "gym.head_port=0", "--set", "run.export=false"]
     for s in sets:
         cmd += ["--set", s]
-    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    peak = run_measured(cmd)
+    print(f"peak memory, process tree: {peak:6.2f} GiB (the trainer with its engine, and Gym's servers)")
     return runs / name / "rollouts.db"
 
 
