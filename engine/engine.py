@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from engine import cpu_sleep
+from engine.cpu_sleep import KV_CACHE, WEIGHTS
 from engine.tp import Mirror, step_digest
 
 log = logging.getLogger("engine")
@@ -105,9 +107,10 @@ class EngineAsleep(RuntimeError):
     """A generation was asked for (or was in flight) while the engine sleeps for training."""
 
 
-# vLLM's sleep-mode memory pools. Level-1 sleep offloads "weights" to CPU and drops "kv_cache".
-WEIGHTS, KV_CACHE = "weights", "kv_cache"
+# vLLM's sleep-mode memory pools. Level 1 offloads "weights" to host memory and drops "kv_cache";
+# level 2 drops both, and only a weight push brings the weights back.
 SLEEP_TAGS = (WEIGHTS, KV_CACHE)
+KEEP_WEIGHTS, DISCARD_WEIGHTS = 1, 2  # sleep levels
 
 
 def on_gpu() -> bool:
@@ -135,15 +138,15 @@ class Engine:
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        self._said_no_sleep = False
         self.tokenizer: Any = None
         self.weight_shapes: dict[str, tuple[int, ...]] = {}
         self.weight_version = 0
         self.max_token_id = 0  # the largest id vLLM accepts in a prompt (model or tokenizer vocab)
         # The GPU lifecycle, per vLLM memory pool: which pools sleep now. Only the engine thread's
-        # commands change it; the same transitions run on CPU, where vLLM's worker makes the memory
-        # part a no-op but still pauses its scheduler and tracks the sleeping tags.
+        # commands change it; the same transitions run on CPU, where vLLM pauses its scheduler and
+        # tracks the sleeping tags, and engine/cpu_sleep.py frees the memory vLLM's worker does not.
         self.asleep_tags: set[str] = set()
+        self.weights_discarded = False  # by a level-2 sleep, until the next weight push
         # Every lifecycle call that reached vLLM, in order ("sleep", "wake_up:weights", "reload_weights",
         # "reset_prefix_cache", ...): the order is the contract that makes a weight push land.
         self.lifecycle: list[str] = []
@@ -409,36 +412,44 @@ class Engine:
 
     # ---- the GPU lifecycle -----------------------------------------------------------------------
     # One step on a GPU (TRL, verl and NeMo RL do the same):
-    #   generate -> sleep() [abort in-flight, sleep level 1: weights to CPU, KV cache dropped]
-    #   -> train -> update_weights() [wake "weights", reload, reset prefix cache; KV stays asleep]
-    #   -> wake() [wake "kv_cache"] -> generate ...
+    #   generate -> sleep(level) [abort in-flight; KV cache dropped; weights to host memory (level 1)
+    #   or dropped (level 2: a push follows)] -> train -> update_weights() [wake "weights", reload,
+    #   reset prefix cache; KV stays asleep] -> wake() [wake "kv_cache"] -> generate ...
     # A push into sleeping weights would write into unmapped memory, and the next wake_up would copy
-    # the stale CPU backup over it: update_weights therefore always wakes the weights first.
+    # the stale backup over it: update_weights therefore always wakes the weights first. On CPU the
+    # same calls free and re-allocate the same memory (engine/cpu_sleep.py).
     @property
     def awake(self) -> bool:
         return not self.asleep_tags
 
-    async def sleep(self) -> int:
-        """Free accelerator memory for training. Returns how many in-flight requests were aborted.
+    async def sleep(self, level: int = KEEP_WEIGHTS) -> int:
+        """Free the engine's memory for training. Returns how many in-flight requests were aborted.
 
+        Level 2 (DISCARD_WEIGHTS) also drops the weights instead of keeping a copy: for a step that
+        ends with a full weight push, which is then required before anything is generated.
         vLLM's own sleep drops unfinished requests inside its scheduler without an output, so their
         streams would never end and the engine thread would spin: they are aborted here first and
         their streams raise EngineAsleep.
         """
-        return await self._call(self._sleep, "sleep")
+        if level not in (KEEP_WEIGHTS, DISCARD_WEIGHTS):
+            raise ValueError(f"sleep level {level}: 1 keeps the weights, 2 discards them")
+        return await self._call(lambda llm: self._sleep(llm, level), "sleep")
 
     async def wake(self, tags: Iterable[str] = SLEEP_TAGS) -> None:
         """Wake the given memory pools (both by default); generation needs both."""
         wanted = set(tags)
         if not wanted <= set(SLEEP_TAGS):
             raise ValueError(f"unknown sleep tags {sorted(wanted - set(SLEEP_TAGS))}; known: {SLEEP_TAGS}")
+        if WEIGHTS in wanted and self.weights_discarded:
+            raise EngineAsleep("the weights were discarded by a level-2 sleep: push weights (update_weights) "
+                               "before waking them")
         await self._call(lambda llm: self._wake(llm, wanted), "wake")
 
     async def vllm_state(self) -> VLLMState:
         return await self._call(lambda llm: VLLMState(llm.llm_engine.is_sleeping(),
                                                       llm.llm_engine.has_unfinished_requests()))
 
-    def _sleep(self, llm: Any) -> int:
+    def _sleep(self, llm: Any, level: int) -> int:
         rids = list(self._streams) + sorted(self._mirrored)
         if rids:
             self._record(f"abort:{len(rids)}")
@@ -448,30 +459,30 @@ class Engine:
         self._mirrored.clear()
         self.aborted_at_sleep += len(rids)
         if not self.asleep_tags:
-            self._record("sleep")
-            self._quiet_cpu_sleep_warning()
-            llm.sleep(level=1)
+            self._record(f"sleep:{level}")
+            gpu = on_gpu()
+            if not gpu:
+                _quiet_cpu_worker()
+            llm.sleep(level=level)  # on CPU: pauses the scheduler and marks the pools asleep, frees nothing
+            if not gpu:
+                llm.collective_rpc(cpu_sleep.release,
+                                   args=((KV_CACHE,) if level == KEEP_WEIGHTS else (KV_CACHE, WEIGHTS),))
             self.asleep_tags = set(SLEEP_TAGS)
+            self.weights_discarded = level == DISCARD_WEIGHTS
         return len(rids)
 
     def _wake(self, llm: Any, tags: set[str]) -> None:
         todo = [t for t in SLEEP_TAGS if t in tags and t in self.asleep_tags]
         if todo:
             self._record("wake_up:" + ",".join(todo))
+            if not on_gpu():  # memory first: vLLM's scheduler resumes once every pool is awake
+                llm.collective_rpc(cpu_sleep.restore, args=(tuple(todo),))
             llm.wake_up(tags=todo)
             self.asleep_tags -= set(todo)
 
     def _record(self, call: str) -> None:
         self.lifecycle.append(call)
         del self.lifecycle[:-1000]  # a long run keeps only the recent history
-
-    def _quiet_cpu_sleep_warning(self) -> None:
-        # On CPU vLLM's worker warns at every sleep/wake that it has nothing to free; say it once.
-        if not on_gpu() and not self._said_no_sleep:
-            log.info("sleep/wake on CPU: vLLM pauses and resumes its scheduler, there is no accelerator memory to free")
-            logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(
-                lambda rec: "sleep mode is not supported" not in rec.getMessage())
-            self._said_no_sleep = True
 
     async def update_weights(self, named_tensors: Iterable[tuple[str, Any]]) -> float:
         """Load new weights into the engine, then drop the prefix cache. Returns seconds.
@@ -482,12 +493,18 @@ class Engine:
         """
         tensors = [(n, t.detach()) for n, t in named_tensors]
         check_weights(tensors, self.weight_shapes)
+        if self.weights_discarded:  # nothing of the old weights is left to fall back on
+            missing = sorted(set(self.weight_shapes) - {n for n, _ in tensors})
+            if missing:
+                raise ValueError(f"the weights were discarded by a level-2 sleep and this push lacks "
+                                 f"{len(missing)} of them, e.g. {missing[:3]}")
         t0 = time.perf_counter()
 
         def push(llm: Any) -> None:
             self._wake(llm, {WEIGHTS})
             self._record("reload_weights")
             llm.collective_rpc(_reload_weights, args=(tensors,))
+            self.weights_discarded = False
             self._record("reset_prefix_cache")
             llm.reset_prefix_cache()
 
@@ -502,6 +519,8 @@ class Engine:
 
         if self.cfg.max_lora_rank is None:
             raise ValueError("this engine was started without LoRA (EngineConfig.max_lora_rank)")
+        if self.weights_discarded:
+            raise EngineAsleep("the base weights were discarded by a level-2 sleep: an adapter needs them")
         t0 = time.perf_counter()
         version = self.weight_version + 1
         new = LoRARequest(f"policy-v{version}", version, str(folder))  # a new id: vLLM caches by id
@@ -521,6 +540,13 @@ class Engine:
         await self._call(push, "push")
         self.weight_version = version
         return time.perf_counter() - t0
+
+
+def _quiet_cpu_worker() -> None:
+    # vLLM's CPU worker warns at every sleep and wake that it frees nothing: engine/cpu_sleep.py does
+    logger = logging.getLogger("vllm.v1.worker.cpu_worker")
+    if not logger.filters:
+        logger.addFilter(lambda rec: "sleep mode is not supported" not in rec.getMessage())
 
 
 def _described(cmd: tuple[str, Any]) -> tuple[str, Any]:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from engine.engine import SLEEP_TAGS, Engine
+from engine.engine import KEEP_WEIGHTS, SLEEP_TAGS, Engine
 from engine.server import SamplingPin
 from grpo.policy import PolicyTrainer, TrainSample, TrainStats
 
@@ -64,9 +64,9 @@ class LeaderEngine:
         await asyncio.to_thread(tell, WAKE, tags)
         await self._engine.wake(tags)
 
-    async def sleep(self) -> int:
-        await asyncio.to_thread(tell, SLEEP)
-        return await self._engine.sleep()
+    async def sleep(self, level: int = KEEP_WEIGHTS) -> int:
+        await asyncio.to_thread(tell, SLEEP, level)
+        return await self._engine.sleep(level)
 
 
 class LeaderPolicy:
@@ -141,7 +141,7 @@ async def follow(engine: Engine, policy: PolicyTrainer | None, pin: SamplingPin,
         if kind == WAKE:
             await engine.wake(args[0])
         elif kind == SLEEP:
-            await engine.sleep()
+            await engine.sleep(args[0])
         elif kind == PIN:
             pin.temperature = args[0]
         elif policy is None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import aiohttp
 
-from engine.engine import Engine
+from engine.engine import DISCARD_WEIGHTS, KEEP_WEIGHTS, Engine
 from engine.server import SamplingPin
 from gym.rollouts import collect, env_metrics, row_env
 from gym.servers import GymServers
@@ -266,8 +266,13 @@ class GRPOLoop:
                                      gym.max_retries, sampling=self.sampling)
         finally:
             self.pin.temperature = None
+        adv, keep = advantages_for(rollouts, self.cfg)
+        samples = [TrainSample(r.sequence.token_ids, r.sequence.loss_mask, r.sequence.gen_logprobs, a)
+                   for r, a, k in zip(rollouts, adv, keep) if k]
+        trains = any(any(s.loss_mask) for s in samples)
         t_sleep = time.perf_counter()
-        aborted = await self.engine.sleep()
+        # a step that pushes every weight has no use for the engine's old ones: drop them, not copy them
+        aborted = await self.engine.sleep(DISCARD_WEIGHTS if trains and not self.policy.lora else KEEP_WEIGHTS)
         t_sleep = time.perf_counter() - t_sleep
         t_gen = time.perf_counter() - t0
 
@@ -275,12 +280,9 @@ class GRPOLoop:
         await asyncio.to_thread(return_free_memory)  # generation's buffers, before training's
         if g.offload_params:
             await asyncio.to_thread(self.policy.reload_params)
-        adv, keep = advantages_for(rollouts, self.cfg)
-        samples = [TrainSample(r.sequence.token_ids, r.sequence.loss_mask, r.sequence.gen_logprobs, a)
-                   for r, a, k in zip(rollouts, adv, keep) if k]
         train_logprobs: list[list[float]] = [[] for _ in rollouts]
         stats = None
-        if any(any(s.loss_mask) for s in samples):
+        if trains:
             await asyncio.to_thread(self.policy.reload_optimizer)
             stats = await asyncio.to_thread(self.policy.train_step, samples)
             await asyncio.to_thread(self.policy.offload_optimizer)

@@ -101,32 +101,83 @@ def test_check_weights_accepts_matching_names_and_shapes():
 
 
 # ---- the GPU lifecycle, run through the same calls on CPU --------------------------------------
-# On CPU vLLM's worker frees no memory, but vLLM still pauses its scheduler at sleep, tracks which
-# pools sleep and resumes only when all are awake: the order below is checked against vLLM itself.
+# On CPU vLLM pauses its scheduler at sleep, tracks which pools sleep and resumes only when all are
+# awake (the order below is checked against vLLM itself); engine/cpu_sleep.py frees the memory.
+
+def _held_bytes(policy_server) -> tuple[int, int]:
+    """(KV cache, parameters): the bytes the engine's storages hold now (packed GEMM weights aside)."""
+    def held(worker):
+        def total(tensors):
+            return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+        return total(worker.model_runner.kv_caches), total(worker.model_runner.get_model().parameters())
+
+    return policy_server.run(policy_server.engine._call(lambda llm: llm.collective_rpc(held)[0]))
+
+
+def _weights(tiny_model) -> list[tuple[str, torch.Tensor]]:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    return [(n, p.detach()) for n, p in model.named_parameters()]
 
 def _greedy(policy_server, n: int = 12) -> list[int]:
     opts = SamplingOptions(temperature=0.0, max_tokens=n)
     return policy_server.run(policy_server.engine.generate(_prompt(policy_server), opts)).token_ids
 
 
-def test_a_training_step_reaches_vllm_in_the_gpu_order(policy_server, tiny_model):
+@pytest.mark.parametrize("level", [1, 2])
+def test_a_training_step_reaches_vllm_in_the_gpu_order(policy_server, tiny_model, level):
     engine = policy_server.engine
-    weights = [(n, p.detach()) for n, p in AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-               .named_parameters()]
+    weights = _weights(tiny_model)
     before = _greedy(policy_server)
     engine.lifecycle.clear()
     policy_server.run(engine.wake())          # already awake: nothing reaches vLLM
     _greedy(policy_server)
-    policy_server.run(engine.sleep())
+    policy_server.run(engine.sleep(level))
     assert policy_server.run(engine.vllm_state()).sleeping
     policy_server.run(engine.update_weights(weights))
     assert engine.asleep_tags == {"kv_cache"}  # the push woke the weights only
     assert policy_server.run(engine.vllm_state()).sleeping
     policy_server.run(engine.wake())
     assert not policy_server.run(engine.vllm_state()).sleeping
-    assert engine.lifecycle == ["sleep", "wake_up:weights", "reload_weights", "reset_prefix_cache",
+    assert engine.lifecycle == [f"sleep:{level}", "wake_up:weights", "reload_weights", "reset_prefix_cache",
                                 "wake_up:kv_cache"]
     assert _greedy(policy_server) == before
+
+
+def test_sleep_frees_the_kv_cache_and_wake_gives_it_back(policy_server):
+    engine = policy_server.engine
+    before = _greedy(policy_server)
+    kv, params = _held_bytes(policy_server)
+    assert kv > 0 and params > 0
+    policy_server.run(engine.sleep(1))
+    assert _held_bytes(policy_server) == (0, params)  # level 1 keeps the weights
+    policy_server.run(engine.wake())
+    assert _held_bytes(policy_server) == (kv, params)
+    assert _greedy(policy_server) == before
+
+
+def test_level_2_sleep_frees_the_weights_until_a_full_push(policy_server, tiny_model):
+    from engine.engine import EngineAsleep
+
+    engine = policy_server.engine
+    weights = _weights(tiny_model)
+    before = _greedy(policy_server)
+    kv, params = _held_bytes(policy_server)
+    policy_server.run(engine.sleep(2))
+    assert _held_bytes(policy_server) == (0, 0)
+    with pytest.raises(EngineAsleep, match="discarded by a level-2 sleep"):
+        policy_server.run(engine.wake())      # nothing to wake them from
+    with pytest.raises(ValueError, match="lacks 1 of them"):
+        policy_server.run(engine.update_weights(weights[1:]))
+    assert engine.weights_discarded
+    policy_server.run(engine.update_weights(weights))
+    policy_server.run(engine.wake())
+    assert _held_bytes(policy_server) == (kv, params)
+    assert _greedy(policy_server) == before
+
+
+def test_sleep_levels_other_than_1_and_2_are_refused(policy_server):
+    with pytest.raises(ValueError, match="sleep level 3"):
+        policy_server.run(policy_server.engine.sleep(3))
 
 
 def test_sleep_aborts_a_request_in_flight_and_leaves_vllm_idle(policy_server):

@@ -88,7 +88,7 @@ def test_each_push_replaces_the_adapter_in_the_gpu_order(lora_engine, trainer, t
     lt.run(engine.sleep())
     lt.run(engine.load_adapter(trainer.save_adapter(tmp_path / "b")))
     lt.run(engine.wake())
-    assert engine.lifecycle == ["sleep", "wake_up:weights", "remove_lora", "add_lora", "reset_prefix_cache",
+    assert engine.lifecycle == ["sleep:1", "wake_up:weights", "remove_lora", "add_lora", "reset_prefix_cache",
                                 "wake_up:kv_cache"]
     assert engine.adapter.lora_int_id == first + 1
     assert lt.run(engine._call(lambda llm: sorted(llm.llm_engine.list_loras()))) == [first + 1]

@@ -187,7 +187,7 @@ def test_a_tensor_parallel_engine_over_two_ranks_generates_the_one_process_ids_b
     assert two["before"] == one["before"]
     assert two["after"] == one["after"]
     assert two["after"] != two["before"]  # the push reached both shards of the model
-    assert two["lifecycle"] == ["sleep", "wake_up:weights", "reload_weights", "reset_prefix_cache", "wake_up:kv_cache"]
+    assert two["lifecycle"] == ["sleep:2", "wake_up:weights", "reload_weights", "reset_prefix_cache", "wake_up:kv_cache"]
 
 
 @pytest.mark.slow
