@@ -27,7 +27,7 @@ def perturbed(model: str):
 
 
 async def run(model: str, world: int) -> dict | None:
-    from engine.engine import Engine, EngineConfig, SamplingOptions
+    from engine.engine import DISCARD_WEIGHTS, Engine, EngineConfig, SamplingOptions
     from engine.tp import Mirror
     from grpo import ranks
 
@@ -45,7 +45,7 @@ async def run(model: str, world: int) -> dict | None:
     leader = mirror is None or mirror.leader
     before = await generate() if leader else None
     # every member makes the lifecycle calls (as conductor.follow does); the leader's thread paces them
-    await engine.sleep()
+    await engine.sleep(DISCARD_WEIGHTS)  # as the loop does before a full push
     await engine.update_weights(perturbed(model))
     await engine.wake()
     after = await generate() if leader else None
