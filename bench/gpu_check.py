@@ -5,11 +5,13 @@
     .venv/bin/python bench/gpu_check.py --skip-e2e            # checks 1-5 only
 
 On the first run on any NVIDIA machine, run this before anything else. On CPU every check runs
-through the same engine calls (vLLM pauses its scheduler and tracks its sleeping pools there too);
-only the figures that need CUDA (memory the device reports) are skipped, with the reason printed.
+through the same engine calls (vLLM pauses its scheduler and tracks its sleeping pools there too,
+engine/cpu_sleep.py frees the memory); only the figures that need CUDA (memory the device reports)
+are skipped, with the reason printed.
 
-  1. sleep frees about weights + KV cache; a seeded greedy generation is identical after wake
-  2. sleep -> push perturbed weights -> wake changes the output; pushing the originals restores it
+  1. sleep (level 1) frees about weights + KV cache; a seeded greedy generation is identical after wake
+  2. sleep (level 2: weights dropped) -> push perturbed weights -> wake changes the output; pushing
+     the originals restores it
   3. trainer vs engine logprobs on generated sequences (token_mult_prob_error; <= 1.02 in bf16)
   4. free memory flat over three full cycles (offload -> wake -> generate -> sleep -> train -> push)
   5. a request in flight at sleep ends with an error and vLLM holds no unfinished request
@@ -33,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from engine.engine import Engine, EngineAsleep, EngineConfig, SamplingOptions, on_gpu  # noqa: E402
+from engine.engine import DISCARD_WEIGHTS, Engine, EngineAsleep, EngineConfig, SamplingOptions, on_gpu  # noqa: E402
 from store import metrics as M  # noqa: E402
 
 PROMPTS = ["What is 7 + 5? Put your final answer in \\boxed{}.", "Name three colours.", "Write a haiku about rain.",
@@ -96,17 +98,20 @@ async def check_push_while_asleep(engine: Engine, ps: list[list[int]], weights: 
     gen = torch.Generator().manual_seed(0)
     noisy = [(n, t + 0.05 * t.float().std().nan_to_num(1.0) * torch.randn(t.shape, generator=gen).to(t.dtype))
              for n, t in weights]
-    await engine.sleep()
+    free0 = free_gib()
+    await engine.sleep(DISCARD_WEIGHTS)  # as the loop does before a full push: the weights are dropped
+    free1 = free_gib()
     t_push = await engine.update_weights(noisy)
     await engine.wake()
     changed = await greedy(engine, ps)
-    await engine.sleep()
+    await engine.sleep(DISCARD_WEIGHTS)
     await engine.update_weights(weights)
     await engine.wake()
     restored = await greedy(engine, ps)
     say("2 push while asleep", changed != before and restored == before,
         f"output changed after perturbed push: {changed != before}; restored exactly: {restored == before}; "
-        f"push {t_push:.3f}s")
+        f"push {t_push:.3f}s; level-2 sleep freed "
+        + ("(no CUDA device)" if free0 is None else f"{free1 - free0:.2f} GiB"))
 
 
 async def check_logprobs(engine: Engine, ps: list[list[int]], trainer, temperature: float) -> float:
@@ -134,7 +139,7 @@ async def check_cycles(engine: Engine, ps: list[list[int]], trainer) -> None:
         await engine.wake()
         gens = await asyncio.gather(*[engine.generate(p, SamplingOptions(temperature=1.0, max_tokens=32, seed=i))
                                       for i, p in enumerate(ps)])
-        await engine.sleep()
+        await engine.sleep(DISCARD_WEIGHTS)
         await asyncio.to_thread(trainer.reload_optimizer)
         samples = [TrainSample(g.prompt_ids + g.token_ids, [0] * len(g.prompt_ids) + [1] * len(g.token_ids),
                                [0.0] * len(g.prompt_ids) + g.logprobs, (-1.0) ** i) for i, g in enumerate(gens)]
