@@ -104,9 +104,11 @@ async def main(cfg: Config, args: argparse.Namespace) -> int:
     from starlette.applications import Starlette
 
     from dashboard.app import dashboard_routes
+    from engine.engine import on_gpu
     from engine.server import HTTPServer, SamplingPin, ServerConfig, policy_routes
     from grpo import ranks
     from grpo.conductor import LeaderEngine, LeaderPin, LeaderPolicy, follow, gather_endpoints, tell
+    from grpo.loop import limit_heap_fragmentation
     from gym.rollouts import collect, env_metrics, load_env_rows
     from gym.servers import GymServers
 
@@ -128,6 +130,8 @@ async def main(cfg: Config, args: argparse.Namespace) -> int:
         return 2
     run_dir.mkdir(parents=True, exist_ok=True)
     gym = GymServers(cfg.gym)  # started by rank 0 only
+    if cfg.run.cpu_heap_mmap_mib is not None and not on_gpu():
+        limit_heap_fragmentation(cfg.run.cpu_heap_mmap_mib)  # before the engine allocates anything
     engine, model_path = await start_engine(cfg, rank, world)
     # The engine installs its own SIGINT/SIGTERM handlers; ours replace them so that Ctrl-C, a kill
     # or a closed terminal cancels the run at once and the `finally` below writes the run's status

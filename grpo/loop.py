@@ -92,19 +92,31 @@ def peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def return_free_memory() -> None:
-    """Hand the heap's free pages back to the OS after training (CPU). glibc keeps the freed
-    activations of a step in its arenas, and the next step's generation and training each find
-    them fragmented: without this the process's RSS grows step after step."""
+def _libc() -> Any:
     import ctypes
     import ctypes.util
 
     name = ctypes.util.find_library("c")
-    if name:
-        try:
-            ctypes.CDLL(name).malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc
-            pass
+    return ctypes.CDLL(name) if name else None
+
+
+def limit_heap_fragmentation(threshold_mib: float) -> None:
+    """Serve every allocation of at least `threshold_mib` MiB from its own mmap, unmapped when freed
+    (CPU). glibc's threshold otherwise climbs to 32 MiB after the first large free, and a step's
+    activations and vLLM's batches (1-30 MiB each) then fragment the heap, which holds the holes."""
+    libc = _libc()
+    m_mmap_threshold = -3  # malloc.h
+    if libc is None or not hasattr(libc, "mallopt") or not libc.mallopt(m_mmap_threshold, int(threshold_mib * 2**20)):
+        log.warning("run.cpu_heap_mmap_mib: this C library has no glibc mallopt; the setting has no effect")
+
+
+def return_free_memory() -> None:
+    """Hand the heap's free pages back to the OS after training (CPU). glibc keeps the freed
+    activations of a step in its arenas, and the next step's generation and training each find
+    them fragmented: without this the process's RSS grows step after step."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):  # glibc only
+        libc.malloc_trim(0)
 
 
 @dataclass
