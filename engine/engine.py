@@ -147,7 +147,7 @@ class Engine:
         # tracks the sleeping tags, and engine/cpu_sleep.py frees the memory vLLM's worker does not.
         self.asleep_tags: set[str] = set()
         self.weights_discarded = False  # by a level-2 sleep, until the next weight push
-        # Every lifecycle call that reached vLLM, in order ("sleep", "wake_up:weights", "reload_weights",
+        # Every lifecycle call that reached vLLM, in order ("sleep:2", "wake_up:weights", "reload_weights",
         # "reset_prefix_cache", ...): the order is the contract that makes a weight push land.
         self.lifecycle: list[str] = []
         self.aborted_at_sleep = 0
