@@ -31,7 +31,7 @@ class RunSection(_Section):
     seed: int = 0
     export: bool = True                     # a finished run writes runs/<name>/model/ (plain HF folder)
     # CPU: allocations of at least this many MiB get their own mmap, returned when freed (grpo/loop.py
-    # limit_heap_fragmentation); null: glibc's default. 1: -0.2 GiB at the peak, +20% training time
+    # limit_heap_fragmentation); null: glibc's default. 1: -0.3 GiB at the peak, ~15% slower steps
     cpu_heap_mmap_mib: float | None = Field(default=None, gt=0)
 
 
