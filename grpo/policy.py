@@ -109,21 +109,58 @@ def output_logits(model: torch.nn.Module, hidden: Tensor) -> Tensor:
     return logits
 
 
-class SelectedLogits(torch.nn.Module):
-    """A causal LM's logits at chosen positions only: the decoder runs on every token, the LM head
-    (a 49k vocab: most of a step's memory traffic) on the positions whose next token is scored.
+# Logits are made for this many (position x vocab) elements at a time (16 MB in fp32): a
+# micro-batch's full [positions, vocab] logits, their log-softmax and their gradients (each 126 MB
+# for 640 positions of SmolLM2's 49k vocab; GBs for a GPU micro-batch and a 152k vocab) never exist.
+LOGIT_CHUNK_ELEMENTS = 2**22
+
+
+class SelectedLogprobs(torch.nn.Module):
+    """A causal LM's logprobs of chosen target tokens at chosen positions: the decoder runs on every
+    token, the LM head and the log-softmax only on the positions whose next token is scored, a chunk
+    of positions at a time. Each chunk is recomputed in backward (activation checkpointing), so only
+    the chunk's hidden states are kept: the price is a second LM-head matmul per scored position.
 
     The whole forward is one call of this module, so that FSDP's hooks (grpo/ranks.shard) gather
     and free the weights outside the decoder layers (embeddings, final norm, tied LM head) around it.
     """
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, temperature: float) -> None:
         super().__init__()
         self.model = model
+        self.temperature = temperature
 
-    def forward(self, at: tuple[Tensor, Tensor], **inputs: Tensor) -> Tensor:
-        hidden = self.model.get_decoder()(use_cache=False, **inputs).last_hidden_state
-        return output_logits(self.model, hidden[at])
+    def forward(self, at: tuple[Tensor, Tensor], targets: Tensor, entropy: bool,
+                **inputs: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(logprob of each target, the sampling distribution's entropy there or None); the entropy
+        carries no gradient (a metric)."""
+        hidden = self.model.get_decoder()(use_cache=False, **inputs).last_hidden_state[at]
+        rows = max(1, LOGIT_CHUNK_ELEMENTS // self.model.get_output_embeddings().weight.shape[0])
+        # Equal chunks: a remainder of 8 rows or fewer takes a CPU matmul kernel that sums the vocab
+        # in one long fp32 chain (gradients 1e-4 off fp64, where chunks of 13+ rows agree to 1e-6).
+        chunks = max(1, -(-len(targets) // rows))
+        picked, entropies = [], []
+        for h, t in zip(hidden.tensor_split(chunks), targets.tensor_split(chunks)):
+            if h.requires_grad:
+                from torch.utils.checkpoint import checkpoint
+
+                p, e = checkpoint(self._chunk, h, t, entropy, use_reentrant=False)
+            else:
+                p, e = self._chunk(h, t, entropy)
+            picked.append(p)
+            entropies.append(e)
+        if not picked:  # no scored position
+            empty = hidden.new_zeros(0, dtype=torch.float32)
+            return empty, empty if entropy else None
+        return torch.cat(picked), torch.cat(entropies) if entropy else None
+
+    def _chunk(self, hidden: Tensor, targets: Tensor, entropy: bool) -> tuple[Tensor, Tensor | None]:
+        logp = torch.log_softmax(output_logits(self.model, hidden).float() / self.temperature, dim=-1)
+        picked = logp.gather(-1, targets[:, None]).squeeze(-1)
+        if not entropy:
+            return picked, None
+        with torch.no_grad():
+            return picked, -(logp.exp() * logp).sum(-1)
 
 
 def pack_micro_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
@@ -186,8 +223,8 @@ class PolicyTrainer:
             self.ref_model.eval().requires_grad_(False)
 
         self.model = model
-        self._net = SelectedLogits(model)
-        self._ref_net = SelectedLogits(self.ref_model) if self.ref_model is not None else None
+        self._net = SelectedLogprobs(model, cfg.temperature)
+        self._ref_net = SelectedLogprobs(self.ref_model, cfg.temperature) if self.ref_model is not None else None
         self._check_selective_forward(model_path)
         # Several ranks shard the weights, gradients and Adam's moments (FSDP2); LoRA adapters are
         # small enough to replicate (grpo/ranks.sum_gradients), and the frozen reference stays whole.
@@ -206,7 +243,7 @@ class PolicyTrainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0
         )
-        # The model is not prepare()d: every forward goes through `SelectedLogits`, and ranks
+        # The model is not prepare()d: every forward goes through `SelectedLogprobs`, and ranks
         # reduce gradients themselves (FSDP's reduce-scatter, or sum_gradients), summing, not averaging.
         self.optimizer, self.scheduler = self.accelerator.prepare(optimizer, scheduler)
         self.step = 0  # optimizer steps taken
@@ -232,7 +269,7 @@ class PolicyTrainer:
 
     # ---------------------------------------------------------------- forward
 
-    def _forward(self, net: SelectedLogits, ids: Tensor, attn: Tensor, need: Tensor | None = None,
+    def _forward(self, net: SelectedLogprobs, ids: Tensor, attn: Tensor, need: Tensor | None = None,
                  entropy: bool = False) -> tuple[Tensor, Tensor | None]:
         """Per-token logprobs [B, L] of a padded batch: at the positions `need` marks (None: every
         real token but the first), 0.0 elsewhere; with `entropy`, the entropy of the sampling
@@ -242,20 +279,16 @@ class PolicyTrainer:
         return self._score(net, (b, c), ids[b, c + 1], (b, c + 1), ids.shape, entropy,
                            input_ids=ids, attention_mask=attn)
 
-    def _score(self, net: SelectedLogits, at: tuple[Tensor, Tensor], targets: Tensor, out_at: tuple[Tensor, Tensor],
-               shape: Sequence[int], entropy: bool, **inputs: Tensor) -> tuple[Tensor, Tensor | None]:
+    def _score(self, net: SelectedLogprobs, at: tuple[Tensor, Tensor], targets: Tensor,
+               out_at: tuple[Tensor, Tensor], shape: Sequence[int], entropy: bool,
+               **inputs: Tensor) -> tuple[Tensor, Tensor | None]:
         """The logprobs of `targets` under the logits at hidden positions `at`, put at `out_at` of a
         zero tensor of `shape` (and their entropies likewise)."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            logits = net(at, **inputs)
-        logp = torch.log_softmax(logits.float() / self.cfg.temperature, dim=-1)
-        picked = logp.gather(-1, targets[:, None]).squeeze(-1)
+            picked, ent = net(at, targets, entropy, **inputs)
         lp = torch.zeros(tuple(shape), dtype=picked.dtype, device=self.device).index_put(out_at, picked)
-        ent = None
-        if entropy:
-            with torch.no_grad():
-                rows = logp.detach()
-                ent = torch.zeros_like(lp).index_put(out_at, -(rows.exp() * rows).sum(-1))
+        if ent is not None:
+            ent = torch.zeros_like(lp).index_put(out_at, ent)
         return lp, ent
 
     def _ids(self, rows: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
@@ -281,7 +314,7 @@ class PolicyTrainer:
         return [([idx[j] for j in group], None)
                 for group in pack_micro_batches([len(r) for r in sub], self.cfg.micro_batch_tokens)]
 
-    def _run(self, net: SelectedLogits, rows: Sequence[Sequence[int]], members: list[int], pack: Pack | None,
+    def _run(self, net: SelectedLogprobs, rows: Sequence[Sequence[int]], members: list[int], pack: Pack | None,
              need: Tensor | None = None, entropy: bool = False) -> tuple[Tensor, Tensor | None]:
         """[B, L] logprobs (and entropy) of `members`, padded like `_forward`'s."""
         if pack is None:
@@ -289,7 +322,7 @@ class PolicyTrainer:
             return self._forward(net, ids, attn, need=need, entropy=entropy)
         return self._forward_packed(net, pack, rows, members, need, entropy)
 
-    def _forward_packed(self, net: SelectedLogits, pack: Pack, rows: Sequence[Sequence[int]], members: list[int],
+    def _forward_packed(self, net: SelectedLogprobs, pack: Pack, rows: Sequence[Sequence[int]], members: list[int],
                         need: Tensor | None, entropy: bool) -> tuple[Tensor, Tensor | None]:
         """`_forward` on a shared-prefix pack: one row, its own position ids and attention mask; the
         logprob of each member's token t comes from the packed position of its token t-1."""
@@ -318,7 +351,7 @@ class PolicyTrainer:
         (lp.sum() * 0.0).backward()
 
     @torch.no_grad()
-    def _no_grad_logprobs(self, net: SelectedLogits, rows: Sequence[Sequence[int]]) -> list[Tensor]:
+    def _no_grad_logprobs(self, net: SelectedLogprobs, rows: Sequence[Sequence[int]]) -> list[Tensor]:
         out: list[Tensor | None] = [None] * len(rows)
         for members, pack in self._micro_batches(rows, range(len(rows))):
             lp, _ = self._run(net, rows, members, pack)
@@ -459,7 +492,7 @@ class PolicyTrainer:
         )
 
     @contextlib.contextmanager
-    def _reference(self) -> Iterator[SelectedLogits]:
+    def _reference(self) -> Iterator[SelectedLogprobs]:
         """The frozen reference policy for the KL term."""
         if self._ref_net is not None:
             yield self._ref_net

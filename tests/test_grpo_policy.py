@@ -115,6 +115,24 @@ def test_gradient_checkpointing_gives_the_same_step(model_dir, rollouts):
     assert results[1].grad_norm == pytest.approx(results[0].grad_norm, rel=1e-5)
 
 
+def test_logits_in_chunks_of_16_positions_give_the_same_step_as_all_at_once(model_dir, rollouts, monkeypatch):
+    import grpo.policy
+
+    results, logprobs = [], []
+    for rows_per_chunk in (16, None):  # <= 16 positions a chunk (recomputed in backward) vs one chunk
+        trainer = PolicyTrainer(model_dir, TrainerConfig(lr=1e-4, dtype="float32"), seed=0)
+        vocab = trainer.model.get_output_embeddings().weight.shape[0]
+        monkeypatch.setattr(grpo.policy, "LOGIT_CHUNK_ELEMENTS", vocab * rows_per_chunk if rows_per_chunk else 2**40)
+        logprobs.append(trainer.logprobs([ids for ids, _ in rollouts]))
+        results.append(trainer.train_step(make_samples(trainer, rollouts, [1.0, -0.5, 2.0])))
+    chunked, whole = results
+    for a, b in zip(*logprobs):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-6)  # fp32 rounding of other matmul shapes
+    assert chunked.loss == pytest.approx(whole.loss, rel=1e-6)
+    assert chunked.grad_norm == pytest.approx(whole.grad_norm, rel=1e-5)
+    assert chunked.entropy == pytest.approx(whole.entropy, rel=1e-6)
+
+
 def test_bfloat16_compute_trains_and_reports_its_mismatch_with_fp32_generation(model_dir, rollouts):
     fp32 = PolicyTrainer(model_dir, TrainerConfig(dtype="float32"), seed=0)
     samples = make_samples(fp32, rollouts, [1.0, -0.5, 2.0])  # "engine" logprobs in fp32
