@@ -203,10 +203,6 @@ async def main(cfg: Config, args: argparse.Namespace) -> int:
                 await loop.run(session)
             if world > 1:
                 await asyncio.to_thread(tell, "stop")
-            if cfg.run.export:
-                ckpt = loop.latest_checkpoint()
-                out = await asyncio.to_thread(export, cfg, ckpt, cfg.export_dir)
-                print(f"exported {ckpt.name} to {out}", flush=True)
             status = "finished"
             return 0
     except asyncio.CancelledError:
@@ -235,6 +231,22 @@ def export(cfg: Config, checkpoint: Path | None, out: Path) -> Path:
     if checkpoint is None:
         raise FileNotFoundError(f"run {cfg.run_dir} has no checkpoint to export; pass --checkpoint PATH")
     return export_checkpoint(checkpoint, resolve_model(cfg.model.name), out, cfg.model.lora)
+
+
+def export_finished_run(cfg: Config) -> int:
+    """The run's last checkpoint as cfg.export_dir, once the engine, Gym and the trainer are gone:
+    the export loads a second copy of the model, which must not add to the run's peak memory."""
+    from grpo.export import ExportError
+
+    ckpt = latest_checkpoint(cfg.run_dir)
+    try:
+        out = export(cfg, ckpt, cfg.export_dir)
+    except (ExportError, FileNotFoundError, ValueError) as e:
+        print(f"error: export failed ({e}); the run's checkpoints are kept: retry with --export DIR",
+              file=sys.stderr)
+        return 1
+    print(f"exported {ckpt.name} to {out}", flush=True)
+    return 0
 
 
 def trainer_config(cfg: Config):
@@ -283,6 +295,8 @@ def cli(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("interrupted; the last checkpoint can be resumed with --resume", file=sys.stderr)
         code = 130
+    if code == 0 and cfg.run.export and not (args.serve or args.eval) and ranks.rank() == 0:
+        code = export_finished_run(cfg)
     if world > 1:  # a rank's listener thread may still wait in a collective its peers left: do not join it
         sys.stdout.flush()
         sys.stderr.flush()

@@ -49,6 +49,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def gym_environment() -> dict[str, str]:
+    """Our environment for the Gym processes, minus the allocator the trainer preloads for itself
+    (trainer.py, run.cpu_allocator): Gym's servers are other programs, on another Python."""
+    env = dict(os.environ)
+    env.pop("LD_PRELOAD", None)
+    return env
+
+
 def tail(path: Path | str | None, lines: int = 30) -> str:
     if path is None or not Path(path).exists():
         return "(no log)"
@@ -134,7 +142,7 @@ class GymServers:
             self._proc = subprocess.Popen(
                 [str(self.config.venv_path() / "bin" / "python"), "-P", str(LAUNCHER), str(log_dir / "spec.json")],
                 cwd=str(log_dir), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True,
+                start_new_session=True, env=gym_environment(),
             )
         self._pgid = self._proc.pid
         _LIVE.add(self)

