@@ -109,17 +109,18 @@ def output_logits(model: torch.nn.Module, hidden: Tensor) -> Tensor:
     return logits
 
 
-# Logits are made for this many (position x vocab) elements at a time (16 MB in fp32): a
-# micro-batch's full [positions, vocab] logits, their log-softmax and their gradients (each 126 MB
-# for 640 positions of SmolLM2's 49k vocab; GBs for a GPU micro-batch and a 152k vocab) never exist.
-LOGIT_CHUNK_ELEMENTS = 2**22
+# Logits are made for at most this many (position x vocab) elements at a time (128 MB in fp32): a
+# micro-batch's whole [positions, vocab] logits, log-softmax and their gradients (5 GB each for 8k
+# positions of a 152k vocab) never exist. Fewer positions (680 of SmolLM2's 49k vocab) are one
+# chunk, kept for backward as before: recomputing it cost 16% of a CPU training step here.
+LOGIT_CHUNK_ELEMENTS = 2**25
 
 
 class SelectedLogprobs(torch.nn.Module):
     """A causal LM's logprobs of chosen target tokens at chosen positions: the decoder runs on every
     token, the LM head and the log-softmax only on the positions whose next token is scored, a chunk
-    of positions at a time. Each chunk is recomputed in backward (activation checkpointing), so only
-    the chunk's hidden states are kept: the price is a second LM-head matmul per scored position.
+    of positions at a time. When there are several, each chunk is recomputed in backward (activation
+    checkpointing), so only its hidden states are kept: the price is a second LM-head matmul.
 
     The whole forward is one call of this module, so that FSDP's hooks (grpo/ranks.shard) gather
     and free the weights outside the decoder layers (embeddings, final norm, tied LM head) around it.
@@ -141,7 +142,7 @@ class SelectedLogprobs(torch.nn.Module):
         chunks = max(1, -(-len(targets) // rows))
         picked, entropies = [], []
         for h, t in zip(hidden.tensor_split(chunks), targets.tensor_split(chunks)):
-            if h.requires_grad:
+            if h.requires_grad and chunks > 1:
                 from torch.utils.checkpoint import checkpoint
 
                 p, e = checkpoint(self._chunk, h, t, entropy, use_reentrant=False)

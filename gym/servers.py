@@ -50,8 +50,9 @@ def free_port() -> int:
 
 
 def gym_environment() -> dict[str, str]:
-    """Our environment for the Gym processes, minus the allocator the trainer preloads for itself
-    (trainer.py, run.cpu_allocator): Gym's servers are other programs, on another Python."""
+    """Our environment for the Gym processes, minus any preloaded library: an allocator preloaded
+    for the trainer (vLLM's CPU docs recommend tcmalloc) is for vLLM and torch, and Gym's servers
+    are other programs, on another Python."""
     env = dict(os.environ)
     env.pop("LD_PRELOAD", None)
     return env
