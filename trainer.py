@@ -28,6 +28,7 @@ import yaml
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # before vLLM is imported
 os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))  # before torch is imported
 
+from engine.cpu_allocator import has_gpu, preload  # noqa: E402
 from grpo.config import Config, ConfigError, load_config  # noqa: E402
 from grpo.export import latest_checkpoint  # noqa: E402
 
@@ -256,6 +257,7 @@ def trainer_config(cfg: Config):
     g = cfg.grpo
     return TrainerConfig(
         lr=g.lr, weight_decay=g.weight_decay, max_grad_norm=g.max_grad_norm, warmup_steps=g.warmup_steps,
+        lr_schedule=g.lr_schedule, total_steps=g.steps * g.num_minibatches,
         micro_batch_tokens=g.micro_batch_tokens, pack_shared_prefix=g.pack_shared_prefix,
         gradient_checkpointing=g.gradient_checkpointing,
         dtype=cfg.model.dtype, temperature=g.temperature, num_minibatches=g.num_minibatches, lora=cfg.model.lora,
@@ -275,6 +277,8 @@ def cli(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if cfg.run.cpu_allocator is not None and not args.export and not has_gpu():
+        preload(cfg.run.cpu_allocator)  # re-executes this command (before torch and vLLM are imported)
     if args.export:
         from grpo.export import ExportError
 

@@ -43,7 +43,9 @@ class TrainerConfig:
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
     max_grad_norm: float | None = 1.0  # None: measure the norm, never clip
-    warmup_steps: int = 0  # linear warmup over this many optimizer steps, then constant
+    warmup_steps: int = 0  # linear warmup over this many optimizer steps, then `lr_schedule`
+    lr_schedule: Literal["constant", "linear"] = "constant"  # linear: to 0 at optimizer step `total_steps`
+    total_steps: int | None = None  # optimizer steps of the whole run (needed by "linear")
     micro_batch_tokens: int = 4096  # tokens per forward/backward (packed; or batch x longest, padded)
     pack_shared_prefix: bool = True  # grpo/packing.py: shared prompts once, no padding
     gradient_checkpointing: bool = False
@@ -114,6 +116,18 @@ def output_logits(model: torch.nn.Module, hidden: Tensor) -> Tensor:
 # positions of a 152k vocab) never exist. Fewer positions (680 of SmolLM2's 49k vocab) are one
 # chunk, kept for backward as before: recomputing it cost 16% of a CPU training step here.
 LOGIT_CHUNK_ELEMENTS = 2**25
+
+
+def lr_factor(step: int, cfg: TrainerConfig) -> float:
+    """The lr multiplier for optimizer step `step` (0-based): linear warmup, then the schedule."""
+    warmup = cfg.warmup_steps
+    if step < warmup:
+        return (step + 1) / warmup
+    if cfg.lr_schedule == "linear":
+        if cfg.total_steps is None:
+            raise ValueError("lr_schedule 'linear' needs total_steps")
+        return max(0.0, (cfg.total_steps - step) / max(1, cfg.total_steps - warmup))
+    return 1.0
 
 
 class SelectedLogprobs(torch.nn.Module):
@@ -240,10 +254,7 @@ class PolicyTrainer:
             eps=cfg.adam_eps,
             weight_decay=cfg.weight_decay,
         )
-        warmup = cfg.warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0
-        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
         # The model is not prepare()d: every forward goes through `SelectedLogprobs`, and ranks
         # reduce gradients themselves (FSDP's reduce-scatter, or sum_gradients), summing, not averaging.
         self.optimizer, self.scheduler = self.accelerator.prepare(optimizer, scheduler)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One idempotent set-up for a fresh machine: the trainer venv (.venv), the NeMo Gym venv
-# (.venv-gym), the embedded default model, and (with --test) Chromium for the browser tests.
+# (.venv-gym), the embedded default model, jemalloc on CPU, and (with --test) Chromium for the
+# browser tests.
 # Each stage is skipped when a stamp holding the hash of its inputs is already present.
 #
 #   scripts/setup.sh [--test] [--gpu | --cpu]
@@ -76,6 +77,14 @@ if ! stamp_ok .venv-gym/.stamp "$H"; then
   # nemo-gym 0.7.0 declares >=3.13.14 but runs on 3.13.0 (verified, see shared DESIGN.md)
   .venv-gym/bin/pip install -q --ignore-requires-python -r requirements-gym.txt
   echo "$H" > .venv-gym/.stamp
+fi
+
+# --- CPU: jemalloc, which config.yaml preloads (run.cpu_allocator, engine/cpu_allocator.py) -------
+if [ "$TARGET" = cpu ] && ! .venv/bin/python -c "import ctypes.util, sys; sys.exit(ctypes.util.find_library('jemalloc') is None)"; then
+  echo "[setup] libjemalloc2"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq libjemalloc2 >/dev/null; } \
+    || echo "setup: could not install libjemalloc2: runs will use glibc's malloc (slower)" >&2
 fi
 
 # --- embedded default model, converted once from GGUF to a plain HF folder ------------------------

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from grpo.loss import LossConfig
-from grpo.policy import PolicyTrainer, TrainerConfig, TrainSample, pack_micro_batches
+from grpo.policy import PolicyTrainer, TrainerConfig, TrainSample, lr_factor, pack_micro_batches
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -55,6 +55,12 @@ def test_pack_micro_batches_bounds_padded_tokens():
     # longest first: 10+9 -> 2*10 = 20 tokens; 4,4,3 -> 3*4 = 12
     assert pack_micro_batches([3, 10, 4, 4, 9], 20) == [[1, 4], [2, 3, 0]]
     assert pack_micro_batches([50, 1], 20) == [[0], [1]]  # too long: alone
+
+
+def test_linear_lr_schedule_warms_up_then_decays_to_zero_at_the_last_step():
+    cfg = TrainerConfig(warmup_steps=2, lr_schedule="linear", total_steps=6)
+    assert [lr_factor(s, cfg) for s in range(7)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25, 0.0]
+    assert [lr_factor(s, TrainerConfig(warmup_steps=2)) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
 
 
 def test_logprobs_are_log_softmax_of_logits_over_the_temperature(model_dir, rollouts):

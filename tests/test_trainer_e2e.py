@@ -89,6 +89,8 @@ def test_config_errors_exit_2_naming_the_key(tmp_path):
         ([str(ROOT / "config.yaml"), "--set", "model.lora.rank=8"], "model.lora.rank"),
         ([str(ROOT / "config.yaml"), "--set", "engine.cpu_kv_cache_gib=0"], "engine.cpu_kv_cache_gib"),
         ([str(ROOT / "config.yaml"), "--set", "run.cpu_heap_mmap_mib=-1"], "run.cpu_heap_mmap_mib"),
+        ([str(ROOT / "config.yaml"), "--set", "run.cpu_heap_mmap_mib=1"], "run.cpu_heap_mmap_mib"),  # with jemalloc
+        ([str(ROOT / "config.yaml"), "--set", "run.cpu_allocator=mimalloc"], "cpu_allocator"),
         ([str(ROOT / "config.yaml"), "--set", f"run.dir={tmp_path}", "--export", str(tmp_path / "m")],
          "has no checkpoint to export"),
     ]
