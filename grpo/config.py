@@ -105,8 +105,7 @@ class GRPOSection(_Section):
     weight_decay: float = Field(default=0.0, ge=0)
     max_grad_norm: float | None = Field(default=1.0, gt=0)
     warmup_steps: int = Field(default=0, ge=0)
-    # after warmup: constant, or linear decay to 0 at the last step (TRL's default), which keeps
-    # late steps from undoing what the run learned
+    # after warmup: constant, or linear decay to 0 at the last step (TRL's default)
     lr_schedule: Literal["constant", "linear"] = "constant"
     micro_batch_tokens: int = Field(default=2048, ge=16)
     pack_shared_prefix: bool = True   # a group's shared prompt once per forward, no padding (grpo/packing.py)
