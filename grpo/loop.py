@@ -384,6 +384,7 @@ class GRPOLoop:
                 M.LR: stats.lr, M.TIS_CAPPED_FRAC: stats.tis_capped_frac,
                 M.MINIBATCHES: float(stats.num_minibatches), M.SKIPPED_OPTIMIZER_STEPS: float(stats.skipped_steps),
                 M.TRAINED_TOKENS: float(stats.num_tokens), M.TRAINED_MODEL_TOKENS: float(stats.num_model_tokens),
+                M.BACKWARD_MODEL_TOKENS: float(stats.backward_model_tokens),
             })
         return m
 

@@ -72,6 +72,13 @@ class LossConfig:
                 raise ValueError(f"{name} must be > 0 or None, got {v}")
 
 
+def moves_loss(advantage: float, cfg: LossConfig) -> bool:
+    """Whether a sequence with this advantage can change the loss or its gradient. Every loss kind
+    multiplies each token's term by the advantage, so with no KL term an advantage of 0 (a group
+    whose rewards are all equal) contributes exactly 0: its forward and backward can be skipped."""
+    return advantage != 0.0 or cfg.kl_beta > 0.0
+
+
 def k3(log_ratio: Tensor) -> Tensor:
     """Schulman's k3 estimator of KL from log(q/p) on samples of p: exp(x) - x - 1 (>= 0)."""
     return torch.exp(log_ratio) - log_ratio - 1.0

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from grpo.lora import LoraSettings, load_adapter_state, save_adapter, with_lora
-from grpo.loss import METRIC_KEYS, LossConfig, policy_loss
+from grpo.loss import METRIC_KEYS, LossConfig, moves_loss, policy_loss
 from grpo.packing import Pack, build_pack, plan_packs
 from grpo.ranks import full, merge_lists, moved, rank, shard, share, shard_like, sum_floats, sum_gradients, world_size
 
@@ -88,6 +88,7 @@ class TrainStats:
     num_tokens: int
     num_model_tokens: int
     train_logprobs: list[list[float]]  # trainer logprobs before the update, 0.0 where mask is 0
+    backward_model_tokens: int = 0  # of num_model_tokens, those run backward (the rest: forward only)
     tis_capped_frac: float = 0.0
     lr: float = 0.0
     skipped_steps: int = 0  # optimizer steps skipped for a non-finite gradient norm
@@ -355,17 +356,48 @@ class PolicyTrainer:
                            input_ids=as_index([pack.ids]), position_ids=as_index([pack.positions]),
                            attention_mask=pack.attention_mask(self.device))
 
-    def _idle_micro_batch(self) -> None:
+    def _idle_micro_batch(self, backward: bool = True) -> None:
         """What a sharded rank runs for each micro-batch its peers have and it has not: FSDP's weight
         gathers and gradient reductions are collectives every rank must join (its gradient is zero)."""
         ids = torch.full((1, 2), PAD_ID, device=self.device)
-        lp, _ = self._forward(self._net, ids, torch.ones_like(ids))
-        (lp.sum() * 0.0).backward()
+        with torch.set_grad_enabled(backward):
+            lp, _ = self._forward(self._net, ids, torch.ones_like(ids))
+        if backward:
+            (lp.sum() * 0.0).backward()
 
     @torch.no_grad()
-    def _no_grad_logprobs(self, net: SelectedLogprobs, rows: Sequence[Sequence[int]]) -> list[Tensor]:
+    def _measure_only(self, samples: Sequence[TrainSample], idx: Sequence[int], sums: dict[str, float],
+                      train_logprobs: list[list[float]]) -> None:
+        """Forward only, for samples that cannot move the loss (`loss.moves_loss`: advantage 0 and no
+        KL term; at a few steps in, most groups): their gradient is exactly zero, so the backward
+        (and the checkpointed recompute) is skipped, but their trainer logprobs, entropy and the
+        on-policy metrics are still measured, so the metrics and the store cover every sample."""
+        rows = [s.token_ids for s in samples]
+        self.model.eval()
+        plans = {r: self._micro_batches(rows, share(rows, idx, world_size(), r))
+                 for r in (range(world_size()) if self.sharded else [rank()])}
+        mine = plans[rank()]
+        for members, pack in mine:
+            mask = _pad([samples[i].loss_mask for i in members], 0, torch.float32, self.device)
+            gen = _pad([samples[i].gen_logprobs for i in members], 0.0, torch.float32, self.device)
+            adv = torch.zeros(len(members), dtype=torch.float32, device=self.device)
+            lp, ent = self._run(self._net, rows, members, pack, need=mask, entropy=True)
+            _, metrics = policy_loss(lp, lp, gen, adv, mask, self.cfg.loss, batch_tokens=1, batch_sequences=1,
+                                     entropy=ent)
+            for k, v in metrics.items():
+                sums[k] += v
+            kept = torch.where(mask.bool(), lp, 0.0).cpu()
+            for j, i in enumerate(members):
+                train_logprobs[i] = kept[j, : len(rows[i])].tolist()
+        for _ in range(max(map(len, plans.values())) - len(mine)):
+            self._idle_micro_batch(backward=False)
+
+    @torch.no_grad()
+    def _no_grad_logprobs(self, net: SelectedLogprobs, rows: Sequence[Sequence[int]],
+                          idx: Sequence[int] | None = None) -> list[Tensor | None]:
+        """Logprobs of rows[i] for i in idx (all rows by default); None for the others."""
         out: list[Tensor | None] = [None] * len(rows)
-        for members, pack in self._micro_batches(rows, range(len(rows))):
+        for members, pack in self._micro_batches(rows, range(len(rows)) if idx is None else idx):
             lp, _ = self._run(net, rows, members, pack)
             for j, i in enumerate(members):
                 out[i] = lp[j, : len(rows[i])].detach()
@@ -377,7 +409,7 @@ class PolicyTrainer:
             self._check_ids(r)
         with self._lock:
             self.model.eval()
-            return [t.float().cpu().tolist() for t in self._no_grad_logprobs(self._net, token_ids_batch)]
+            return [t.float().cpu().tolist() for t in self._no_grad_logprobs(self._net, token_ids_batch)]  # type: ignore[union-attr]
 
     # ---------------------------------------------------------------- training
 
@@ -407,20 +439,25 @@ class PolicyTrainer:
     def _train_step(self, samples: list[TrainSample]) -> TrainStats:
         cfg = self.cfg
         rows = [s.token_ids for s in samples]
-        old_all: list[Tensor] | None = None
+        live = {i for i, s in enumerate(samples) if any(s.loss_mask) and moves_loss(s.advantage, cfg.loss)}
+        sums = dict.fromkeys(METRIC_KEYS, 0.0)
+        train_logprobs: list[list[float]] = [[] for _ in samples]
+        # before any update: what the others are measured on is the policy that sampled them
+        frozen = [i for i, s in enumerate(samples) if i not in live and any(s.loss_mask)]
+        self._measure_only(samples, frozen, sums, train_logprobs)
+        old_all: list[Tensor | None] | None = None
         if min(cfg.num_minibatches, len(samples)) > 1:
             # later minibatches train on weights that earlier ones moved: their ratio needs the
             # logprobs from before the first update
             self.model.eval()
-            old_all = self._no_grad_logprobs(self._net, rows)  # every rank, every row: in step
+            old_all = self._no_grad_logprobs(self._net, rows, sorted(live))  # every rank, every live row: in step
 
         n = len(samples)
         # Filtering (zero-variance groups, truncation, masked samples) can leave fewer samples than
         # configured minibatches: then each sample is its own minibatch (reported in the stats).
         minibatches = min(cfg.num_minibatches, n)
         bounds = [round(k * n / minibatches) for k in range(minibatches + 1)]
-        sums = dict.fromkeys(METRIC_KEYS, 0.0)
-        train_logprobs: list[list[float]] = [[] for _ in samples]
+        backward_tokens = 0
         losses: list[float] = []
         norms: list[float] = []
         skipped = 0
@@ -435,8 +472,11 @@ class PolicyTrainer:
                 continue
             self.model.train()
             mb_loss = 0.0
+            # The normalisation above counts every sample; only those that move the loss run backward.
+            run = [i for i in idx if i in live]
+            backward_tokens += sum(sum(samples[i].loss_mask) for i in run)
             # Sharded ranks plan every rank's micro-batches (cheap, deterministic) to run as many.
-            plans = {r: self._micro_batches(rows, share(rows, idx, world_size(), r))
+            plans = {r: self._micro_batches(rows, share(rows, run, world_size(), r))
                      for r in (range(world_size()) if self.sharded else [rank()])}
             mine = plans[rank()]
             for members, pack in mine:
@@ -466,6 +506,9 @@ class PolicyTrainer:
                     train_logprobs[i] = kept[j, : len(rows[i])].tolist()
             for _ in range(max(map(len, plans.values())) - len(mine)):
                 self._idle_micro_batch()
+            if not run:  # Adam still steps (its moments move the weights), as it would on zeros
+                for p in self._trained:
+                    p.grad = torch.zeros_like(p)
             if not self.sharded:  # FSDP reduced them in backward
                 sum_gradients(self._trained)
             [mb_loss] = sum_floats([mb_loss])
@@ -496,6 +539,7 @@ class PolicyTrainer:
             gen_kl_error=sums["gen_kl_error"] / tokens,
             num_tokens=sum(len(r) for r in rows),
             num_model_tokens=int(tokens),
+            backward_model_tokens=backward_tokens,
             train_logprobs=train_logprobs,
             tis_capped_frac=sums["tis_capped"] / tokens,
             lr=lr,

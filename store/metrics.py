@@ -38,6 +38,7 @@ MINIBATCHES = "minibatches"                  # optimizer steps planned (fewer wh
 SKIPPED_OPTIMIZER_STEPS = "skipped_optimizer_steps"   # non-finite gradient norm: update skipped
 TRAINED_TOKENS = "trained_tokens"            # tokens in the trained sequences (prompt and model)
 TRAINED_MODEL_TOKENS = "trained_model_tokens"
+BACKWARD_MODEL_TOKENS = "backward_model_tokens"   # of those, the ones run backward (the rest: forward only)
 
 # engine / trainer agreement (1.0 and 0.0 when exact)
 TOKEN_MULT_PROB_ERROR = "token_mult_prob_error"

@@ -295,3 +295,53 @@ def test_fewer_samples_than_minibatches_trains_one_minibatch_per_sample(model_di
     trainer = PolicyTrainer(model_dir, TrainerConfig(lr=1e-4, num_minibatches=4, dtype="float32"), seed=0)
     stats = trainer.train_step(make_samples(trainer, rollouts, [1.0, -0.5, 2.0]))
     assert (stats.num_minibatches, trainer.step, stats.skipped_steps) == (3, 3, 0)
+
+
+def _skip_vs_run(model_dir, rollouts, advantages, cfg):
+    """The same steps twice from the same weights: once as given (advantage-0 samples run forward
+    only), once with each 0 replaced by 1e-30 (nonzero: run backward, contributing ~1e-30). Returns
+    per run the trainer, each step's stats and the gradients of each optimizer step."""
+    runs = []
+    for tiny in (0.0, 1e-30):
+        trainer = PolicyTrainer(model_dir, cfg, seed=0)
+        grads: list[dict[str, torch.Tensor]] = []
+        torch_optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+        torch_optimizer.register_step_pre_hook(lambda *_, m=trainer.model, g=grads: g.append(
+            {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
+        stats = [trainer.train_step(make_samples(trainer, rollouts, [a if a else tiny for a in advs]))
+                 for advs in advantages]
+        runs.append((trainer, stats, grads))
+    return runs
+
+
+@pytest.mark.parametrize("minibatches", [1, 2])  # 2: the skipped sample shares the first with a trained one
+def test_samples_with_advantage_zero_skip_backward_and_change_nothing(model_dir, rollouts, minibatches):
+    cfg = TrainerConfig(lr=1e-3, num_minibatches=minibatches, dtype="float32")
+    (_, [s], gs), (_, [r], gr) = _skip_vs_run(model_dir, rollouts, [[1.0, 0.0, -1.0]], cfg)
+    masks = [sum(m) for _, m in rollouts]
+    assert (s.num_model_tokens, s.backward_model_tokens) == (sum(masks), masks[0] + masks[2])
+    assert (r.num_model_tokens, r.backward_model_tokens) == (sum(masks), sum(masks))
+    # gradients as the optimizer receives them at each step (fp32, tolerance 1e-5 of the largest entry)
+    assert len(gs) == len(gr) == minibatches
+    for step_s, step_r in zip(gs, gr):
+        assert step_s.keys() == step_r.keys() and step_s
+        scale = max(float(g.abs().max()) for g in step_r.values())
+        for name in step_s:
+            torch.testing.assert_close(step_s[name], step_r[name], rtol=0, atol=1e-5 * scale, msg=name)
+    # every sample's logprobs and the on-policy metrics are still measured, the skipped one included
+    for a, b in zip(s.train_logprobs, r.train_logprobs):
+        assert len(a) == len(b) and a == pytest.approx(b, abs=1e-5)
+    for name in ("loss", "grad_norm", "entropy", "token_mult_prob_error", "gen_kl_error", "clip_low_frac",
+                 "clip_high_frac"):
+        assert getattr(s, name) == pytest.approx(getattr(r, name), rel=1e-5, abs=1e-7), name
+    assert s.token_mult_prob_error == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_step_where_every_advantage_is_zero_still_steps_adam_on_its_moments(model_dir, rollouts):
+    cfg = TrainerConfig(lr=1e-3, dtype="float32")
+    (skip, [_, s], gs), (ran, [_, r], _) = _skip_vs_run(model_dir, rollouts, [[1.0, -1.0, 0.5], [0.0, 0.0, 0.0]], cfg)
+    assert s.backward_model_tokens == 0 and s.grad_norm == 0.0 and skip.step == 2
+    assert gs[-1].keys() == gs[0].keys() and all(not g.any() for g in gs[-1].values())
+    for (k, v), (_, w) in zip(skip.named_weights(), ran.named_weights()):
+        torch.testing.assert_close(v, w, rtol=0, atol=1e-6, msg=k)
+    assert s.token_mult_prob_error == pytest.approx(1.0, abs=1e-5) and s.entropy == pytest.approx(r.entropy)

@@ -53,6 +53,7 @@ def test_two_sharded_gloo_ranks_take_the_one_process_steps(tiny_model, tmp_path,
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-5, abs=1e-6)  # fp32, other summation order
     assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5)
     assert two["entropy"] == pytest.approx(one["entropy"], rel=1e-5)
+    assert all(two["train_logprobs"]) and len(two["train_logprobs"]) == 13  # the advantage-0 group's too
     for a, b in zip(two["train_logprobs"], one["train_logprobs"]):
         assert a == pytest.approx(b, abs=1e-5)
     assert_same_weights(two["weights"], one["weights"])

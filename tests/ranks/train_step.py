@@ -14,17 +14,19 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def samples(model: str):
-    """Three groups: 4 + 4 + 2 sequences sharing their group's prompt, completions of several lengths."""
+    """Four groups: 4 + 4 + 2 + 3 sequences sharing their group's prompt, completions of several
+    lengths; the last group's rewards were all equal (advantage 0: measured, not run backward)."""
     from grpo.policy import TrainSample
 
     out = []
-    for g, (prompt_len, n) in enumerate([(12, 4), (20, 4), (9, 2)]):
+    for g, (prompt_len, n) in enumerate([(12, 4), (20, 4), (9, 2), (15, 3)]):
         prompt = [(7 * g + i) % 500 + 10 for i in range(prompt_len)]
         for k in range(n):
             completion = [(31 * g + 17 * k + i) % 700 + 20 for i in range(3 + 2 * k)]
             ids = prompt + completion
             mask = [0] * prompt_len + [1] * len(completion)
-            out.append(TrainSample(ids, mask, [-1.5 if m else 0.0 for m in mask], (-1.0) ** (k + g) * (k + 1) / 3))
+            adv = 0.0 if g == 3 else (-1.0) ** (k + g) * (k + 1) / 3
+            out.append(TrainSample(ids, mask, [-1.5 if m else 0.0 for m in mask], adv))
     return out
 
 
