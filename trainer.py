@@ -259,7 +259,7 @@ def trainer_config(cfg: Config):
         lr=g.lr, weight_decay=g.weight_decay, max_grad_norm=g.max_grad_norm, warmup_steps=g.warmup_steps,
         lr_schedule=g.lr_schedule, total_steps=g.steps * g.num_minibatches,
         micro_batch_tokens=g.micro_batch_tokens, pack_shared_prefix=g.pack_shared_prefix,
-        gradient_checkpointing=g.gradient_checkpointing,
+        gradient_checkpointing=g.gradient_checkpointing, measure_zero_advantage=g.measure_zero_advantage,
         dtype=cfg.model.dtype, temperature=g.temperature, num_minibatches=g.num_minibatches, lora=cfg.model.lora,
         loss=LossConfig(kind=g.loss, ratio_clip_c=g.ratio_clip_c,
                         constant_normalizer=g.dr_grpo_normalizer or g.max_tokens,

@@ -47,8 +47,10 @@ def ensure_trl_venv() -> Path:
 
 
 def ours(steps: int, tmp: Path) -> dict[str, object]:
+    # TRL's batch shape (bench/trl_addition.py), whatever config.yaml's default is
     cmd = [sys.executable, str(ROOT / "trainer.py"), str(ROOT / "config.yaml"), "--set", f"grpo.steps={steps}",
-           "--set", f"run.dir={tmp}", "--set", "run.name=ours", "--set", "server.port=0",
+           "--set", "grpo.rows_per_step=8", "--set", "grpo.group_size=4", "--set", "grpo.max_tokens=128",
+           "--set", "grpo.temperature=1.0", "--set", f"run.dir={tmp}", "--set", "run.name=ours", "--set", "server.port=0",
            "--set", "gym.head_port=0", "--set", "run.export=false", "--set", "grpo.checkpoint_every=1000"]
     rss = run_measured(cmd)
     with sqlite3.connect(tmp / "ours" / "rollouts.db") as c:

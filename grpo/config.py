@@ -87,6 +87,10 @@ class GRPOSection(_Section):
     baseline: Literal["mean", "leave_one_out"] = "mean"
     normalize_std: bool = True
     drop_zero_variance_groups: bool = False   # dynamic sampling: skip groups with equal rewards
+    # Rollouts with advantage 0 never run backward (their gradient is exactly 0). true: they still run
+    # forward, so token_mult_prob_error and the stored train_logprob cover every rollout; false: not
+    # even that (faster; those metrics then cover the trained rollouts, NULL when none was)
+    measure_zero_advantage: bool = True
     truncated: Literal["keep", "mask", "drop"] = "keep"   # rollouts that hit the context / max tokens
     overlong_buffer: int = Field(default=0, ge=0)    # DAPO soft overlong punishment over the last N tokens; 0: off
     overlong_penalty: float = Field(default=1.0, ge=0)   # the penalty at max_tokens

@@ -49,6 +49,7 @@ class TrainerConfig:
     micro_batch_tokens: int = 4096  # tokens per forward/backward (packed; or batch x longest, padded)
     pack_shared_prefix: bool = True  # grpo/packing.py: shared prompts once, no padding
     gradient_checkpointing: bool = False
+    measure_zero_advantage: bool = True  # forward-only metrics for samples that cannot move the loss
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     temperature: float = 1.0  # must equal the sampling temperature
     loss: LossConfig = field(default_factory=LossConfig)
@@ -78,7 +79,7 @@ class TrainSample:
 @dataclass
 class TrainStats:
     loss: float  # mean over minibatches of the (normalised) minibatch loss
-    kl: float  # the rest: means over model tokens
+    kl: float  # the rest: means over the measured model tokens (nan: none was)
     entropy: float
     clip_low_frac: float
     clip_high_frac: float
@@ -87,7 +88,7 @@ class TrainStats:
     gen_kl_error: float
     num_tokens: int
     num_model_tokens: int
-    train_logprobs: list[list[float]]  # trainer logprobs before the update, 0.0 where mask is 0
+    train_logprobs: list[list[float]]  # trainer logprobs before the update, 0.0 where mask is 0; [] unmeasured
     backward_model_tokens: int = 0  # of num_model_tokens, those run backward (the rest: forward only)
     tis_capped_frac: float = 0.0
     lr: float = 0.0
@@ -443,8 +444,9 @@ class PolicyTrainer:
         sums = dict.fromkeys(METRIC_KEYS, 0.0)
         train_logprobs: list[list[float]] = [[] for _ in samples]
         # before any update: what the others are measured on is the policy that sampled them
-        frozen = [i for i, s in enumerate(samples) if i not in live and any(s.loss_mask)]
-        self._measure_only(samples, frozen, sums, train_logprobs)
+        if cfg.measure_zero_advantage:
+            frozen = [i for i, s in enumerate(samples) if i not in live and any(s.loss_mask)]
+            self._measure_only(samples, frozen, sums, train_logprobs)
         old_all: list[Tensor | None] | None = None
         if min(cfg.num_minibatches, len(samples)) > 1:
             # later minibatches train on weights that earlier ones moved: their ratio needs the
@@ -527,21 +529,25 @@ class PolicyTrainer:
         sums = dict(zip(sums, sum_floats(list(sums.values()))))
         train_logprobs = merge_lists(train_logprobs)
         tokens = sums["tokens"]
+
+        def mean(key: str) -> float:  # over the measured tokens; nan (not measured) when none was
+            return sums[key] / tokens if tokens else math.nan
+
         return TrainStats(
             loss=sum(losses) / len(losses),
-            kl=sums["kl"] / tokens,
-            entropy=sums["entropy"] / tokens,
-            clip_low_frac=sums["clip_low"] / tokens,
-            clip_high_frac=sums["clip_high"] / tokens,
-            clip_dual_frac=sums["clip_dual"] / tokens,
+            kl=mean("kl"),
+            entropy=mean("entropy"),
+            clip_low_frac=mean("clip_low"),
+            clip_high_frac=mean("clip_high"),
+            clip_dual_frac=mean("clip_dual"),
             grad_norm=sum(norms) / len(norms),
-            token_mult_prob_error=sums["token_mult_prob_error"] / tokens,
-            gen_kl_error=sums["gen_kl_error"] / tokens,
+            token_mult_prob_error=mean("token_mult_prob_error"),
+            gen_kl_error=mean("gen_kl_error"),
             num_tokens=sum(len(r) for r in rows),
-            num_model_tokens=int(tokens),
+            num_model_tokens=sum(sum(s.loss_mask) for s in samples),
             backward_model_tokens=backward_tokens,
             train_logprobs=train_logprobs,
-            tis_capped_frac=sums["tis_capped"] / tokens,
+            tis_capped_frac=mean("tis_capped"),
             lr=lr,
             skipped_steps=skipped,
             num_minibatches=minibatches,

@@ -316,18 +316,22 @@ def _skip_vs_run(model_dir, rollouts, advantages, cfg):
 
 @pytest.mark.parametrize("minibatches", [1, 2])  # 2: the skipped sample shares the first with a trained one
 def test_samples_with_advantage_zero_skip_backward_and_change_nothing(model_dir, rollouts, minibatches):
-    cfg = TrainerConfig(lr=1e-3, num_minibatches=minibatches, dtype="float32")
+    # lr 1e-5: the second minibatch's gradients are taken after the first update, which must not
+    # amplify the first one's float noise
+    cfg = TrainerConfig(lr=1e-5, num_minibatches=minibatches, dtype="float32")
     (_, [s], gs), (_, [r], gr) = _skip_vs_run(model_dir, rollouts, [[1.0, 0.0, -1.0]], cfg)
     masks = [sum(m) for _, m in rollouts]
     assert (s.num_model_tokens, s.backward_model_tokens) == (sum(masks), masks[0] + masks[2])
     assert (r.num_model_tokens, r.backward_model_tokens) == (sum(masks), sum(masks))
-    # gradients as the optimizer receives them at each step (fp32, tolerance 1e-5 of the largest entry)
+    # gradients as the optimizer receives them at each step, to 1e-4 of the largest entry: a
+    # minibatch without the skipped sample packs other shapes, and CPU fp32 matmuls of a few rows
+    # differ by ~3e-5 from those of more (measured); a wrong normaliser would be off by ~50%
     assert len(gs) == len(gr) == minibatches
     for step_s, step_r in zip(gs, gr):
         assert step_s.keys() == step_r.keys() and step_s
         scale = max(float(g.abs().max()) for g in step_r.values())
         for name in step_s:
-            torch.testing.assert_close(step_s[name], step_r[name], rtol=0, atol=1e-5 * scale, msg=name)
+            torch.testing.assert_close(step_s[name], step_r[name], rtol=0, atol=1e-4 * scale, msg=name)
     # every sample's logprobs and the on-policy metrics are still measured, the skipped one included
     for a, b in zip(s.train_logprobs, r.train_logprobs):
         assert len(a) == len(b) and a == pytest.approx(b, abs=1e-5)
@@ -345,3 +349,15 @@ def test_a_step_where_every_advantage_is_zero_still_steps_adam_on_its_moments(mo
     for (k, v), (_, w) in zip(skip.named_weights(), ran.named_weights()):
         torch.testing.assert_close(v, w, rtol=0, atol=1e-6, msg=k)
     assert s.token_mult_prob_error == pytest.approx(1.0, abs=1e-5) and s.entropy == pytest.approx(r.entropy)
+
+
+def test_without_measuring_zero_advantage_samples_run_no_forward_and_report_on_the_trained_ones(model_dir, rollouts):
+    cfg = TrainerConfig(lr=1e-3, dtype="float32", measure_zero_advantage=False)
+    trainer = PolicyTrainer(model_dir, cfg, seed=0)
+    stats = trainer.train_step(make_samples(trainer, rollouts, [1.0, 0.0, -1.0]))
+    assert [bool(lp) for lp in stats.train_logprobs] == [True, False, True]
+    masks = [sum(m) for _, m in rollouts]
+    assert (stats.num_model_tokens, stats.backward_model_tokens) == (sum(masks), masks[0] + masks[2])
+    assert stats.token_mult_prob_error == pytest.approx(1.0, abs=1e-5)
+    flat = trainer.train_step(make_samples(trainer, rollouts, [0.0, 0.0, 0.0]))
+    assert flat.train_logprobs == [[], [], []] and math.isnan(flat.token_mult_prob_error) and trainer.step == 2
