@@ -47,10 +47,12 @@ def ensure_trl_venv() -> Path:
 
 
 def ours(steps: int, tmp: Path) -> dict[str, object]:
-    # TRL's batch shape (bench/trl_addition.py), whatever config.yaml's default is
+    # TRL's batch shape and optimizer schedule (bench/trl_addition.py: lr 2e-5, TrainingArguments'
+    # linear decay, no warmup), whatever config.yaml's defaults are
     cmd = [sys.executable, str(ROOT / "trainer.py"), str(ROOT / "config.yaml"), "--set", f"grpo.steps={steps}",
            "--set", "grpo.rows_per_step=8", "--set", "grpo.group_size=4", "--set", "grpo.max_tokens=128",
-           "--set", "grpo.temperature=1.0", "--set", f"run.dir={tmp}", "--set", "run.name=ours", "--set", "server.port=0",
+           "--set", "grpo.temperature=1.0", "--set", "grpo.lr=2e-5", "--set", "grpo.lr_schedule=linear",
+           "--set", "grpo.warmup_steps=0", "--set", f"run.dir={tmp}", "--set", "run.name=ours", "--set", "server.port=0",
            "--set", "gym.head_port=0", "--set", "run.export=false", "--set", "grpo.checkpoint_every=1000"]
     rss = run_measured(cmd)
     with sqlite3.connect(tmp / "ours" / "rollouts.db") as c:
