@@ -23,8 +23,11 @@ log = logging.getLogger(__name__)
 # name -> the library ctypes.util.find_library looks for (Debian: libjemalloc2, libtcmalloc-minimal4)
 LIBRARIES = {"jemalloc": "jemalloc", "tcmalloc": "tcmalloc_minimal"}
 PACKAGES = {"jemalloc": "libjemalloc2", "tcmalloc": "libtcmalloc-minimal4"}
-# jemalloc hands freed pages back from a background thread after 1 s, not on the next allocations
-JEMALLOC_CONF = "background_thread:true"
+# Freed pages go back to the OS at once, from jemalloc's background thread (not on later allocations):
+# generation and training each free what the other then allocates, and with jemalloc's default 10 s
+# decay both stayed resident. bench/bench_step_time.py --steps 4: trainer peak 3.39 -> 3.25 GiB,
+# step 19.4 -> 21.4 s (noise +-2 s); one arena (narenas:1) on top lowered nothing more.
+JEMALLOC_CONF = "background_thread:true,dirty_decay_ms:0,muzzy_decay_ms:0"
 
 
 def has_gpu() -> bool:
