@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from engine import cpu_sleep
 from engine.cpu_sleep import KV_CACHE, WEIGHTS
-from engine.tp import Mirror, step_digest
+from engine.tp import Mirror, remove_stale_cpu_shm, step_digest
 
 log = logging.getLogger("engine")
 
@@ -180,6 +180,10 @@ class Engine:
             # trainer's ranks already joined (grpo/ranks.py), on the rank's own device
             extra.update(distributed_executor_backend="external_launcher",
                          tensor_parallel_size=self.cfg.tensor_parallel_size)
+            if self.mirror is not None and not gpu:
+                stale = remove_stale_cpu_shm(self.mirror.ranks, self.mirror.rank)
+                if stale:
+                    log.warning("removed shared memory an earlier run left: %s", ", ".join(stale))
         if self.cfg.max_lora_rank is not None:
             # one adapter at a time: a push replaces it while no request runs (the engine sleeps)
             extra.update(enable_lora=True, max_lora_rank=self.cfg.max_lora_rank, max_loras=1, max_cpu_loras=1)

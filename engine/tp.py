@@ -13,6 +13,7 @@ Groups are consecutive ranks, as vLLM lays out its own tensor-parallel groups ov
 
 from __future__ import annotations
 
+import os
 import zlib
 from collections.abc import Iterable
 from typing import Any
@@ -26,6 +27,26 @@ def group_ranks(world: int, tp: int, rank: int) -> list[int]:
     return list(range(first, first + tp))
 
 
+def remove_stale_cpu_shm(ranks: list[int], rank: int, shm_dir: str = "/dev/shm") -> list[str]:
+    """Unlink the CPU shared-memory segment that `rank` is about to create for its group; returns the
+    names removed.
+
+    vLLM's CPU tensor-parallel communicator gives each member one segment, named from an instance id,
+    the group's ranks and the member's index in it, and creates it exclusively. Under
+    external_launcher the instance id is empty (it comes from the init method's port, and env:// has
+    none), so every run on a box uses the same names, and a run that ended without vLLM's teardown
+    (a crash, a killed rank) leaves them: the next run failed with "create shm in SHMManager failed.
+    errno: 17". Each member removes only its own segment before creating it; the others open it after
+    vLLM's barrier, so no member can remove one another has already created."""
+    suffix = f"-[{'-'.join(map(str, ranks))}]-cpushm_{ranks.index(rank)}"
+    removed = []
+    for name in os.listdir(shm_dir):
+        if name.endswith(suffix):
+            os.unlink(os.path.join(shm_dir, name))
+            removed.append(name)
+    return removed
+
+
 class Mirror:
     """One rank's end of its group's command channel (a gloo group of its own: the engine thread
     uses it while the trainer's collectives run on the default group from other threads)."""
@@ -33,6 +54,7 @@ class Mirror:
     def __init__(self, world: int, tp: int, rank: int) -> None:
         import torch.distributed as dist
 
+        self.rank = rank
         self.ranks = group_ranks(world, tp, rank)
         self.leader = rank == self.ranks[0]
         mine = None

@@ -81,6 +81,19 @@ def policy_server(tiny_model: str) -> Iterator[PolicyHandle]:
     lt.close()
 
 
+def steps_written(db: Path) -> int:
+    """Steps a run's store holds; 0 before the store exists, and while its file exists without its
+    tables (the store creates the file, then its schema)."""
+    import sqlite3
+
+    if not db.exists():
+        return 0
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as c:
+        if not c.execute("SELECT 1 FROM sqlite_master WHERE name = 'steps'").fetchone():
+            return 0
+        return c.execute("SELECT count(*) FROM steps").fetchone()[0]
+
+
 def trainer_cmd(tiny_model: str, runs_dir: Path, name: str, *extra: str) -> list[str]:
     """trainer.py on the shipped config, shrunk to the tiny model and a few small steps."""
     sets = {

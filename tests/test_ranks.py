@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from grpo.packing import packed_length
+from engine.tp import remove_stale_cpu_shm
 from grpo.ranks import share
-from tests.conftest import ROOT
+from tests.conftest import ROOT, steps_written
 
 SCRIPT = ROOT / "tests" / "ranks" / "train_step.py"
 
@@ -129,8 +130,7 @@ def test_a_killed_rank_ends_the_whole_run_and_leaves_nothing_running(tiny_model,
     db = tmp_path / "kill" / "rollouts.db"
     spec = str(tmp_path / "kill" / "gym" / "spec.json")
     deadline = time.time() + 900
-    import sqlite3
-    while not (db.exists() and sqlite3.connect(db).execute("SELECT count(*) FROM steps").fetchone()[0] >= 1):
+    while steps_written(db) < 1:
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.5)
     [launcher] = pids_mentioning(spec)
@@ -167,6 +167,17 @@ def test_a_two_rank_run_resumes_in_one_process_from_its_checkpoint(tiny_model, t
 
 
 TP_SCRIPT = ROOT / "tests" / "ranks" / "tp_generate.py"
+
+
+def test_a_rank_removes_only_the_cpu_shared_memory_segment_it_is_about_to_create(tmp_path):
+    # the names vLLM's CPU communicator gave the segments of two 2-rank groups (seen in /dev/shm)
+    names = ["-tp:0-[0-1]-cpushm_0", "-tp:0-[0-1]-cpushm_1", "-tp:0-[2-3]-cpushm_1", "-tp:0-[2-3]-cpushm_10", "x"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    assert remove_stale_cpu_shm([2, 3], 3, str(tmp_path)) == ["-tp:0-[2-3]-cpushm_1"]
+    assert remove_stale_cpu_shm([0, 1], 1, str(tmp_path)) == ["-tp:0-[0-1]-cpushm_1"]
+    assert remove_stale_cpu_shm([0, 1], 1, str(tmp_path)) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["-tp:0-[0-1]-cpushm_0", "-tp:0-[2-3]-cpushm_10", "x"]
 
 
 def run_tp(tmp: Path, model: str, ranks: int, **env: str) -> subprocess.CompletedProcess:

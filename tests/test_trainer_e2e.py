@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, trainer_cmd
+from tests.conftest import ROOT, steps_written, trainer_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -105,7 +105,7 @@ def run_until_step(cmd: list[str], db: Path, steps: int) -> subprocess.Popen:
     """Start trainer.py and return once its store holds `steps` steps (the run still going)."""
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 900
-    while not (db.exists() and q(db, "SELECT count(*) FROM steps")[0][0] >= steps):
+    while steps_written(db) < steps:
         assert proc.poll() is None, "the run ended before the signal"
         assert time.time() < deadline, f"no step {steps} after 900 s"
         time.sleep(0.5)
