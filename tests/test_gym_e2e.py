@@ -249,8 +249,10 @@ def test_a_hung_resources_server_is_noticed_restarted_and_its_rollouts_retried(g
     assert _resources_server_python(servers, "string_match") != victim
 
 
-def test_status_lists_every_server_up(gym):
+def test_status_lists_every_server_up(gym, policy_server):
     _, servers = gym
+    # the tests before this one kill and hang servers: wait until the watchdog has seen them all back
+    policy_server.run(servers.wait_healthy(120))
     status = {s.name: s for s in servers.status()}
     assert {"launcher", "head", "string_match", "string_match_simple_agent", "example_single_tool_call",
             "example_single_tool_call_simple_agent", "example_multi_turn_gymnasium",
